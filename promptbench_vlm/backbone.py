@@ -1,0 +1,148 @@
+"""Load an open_clip backbone: architecture by name or config JSON, weights by tag or local file.
+
+The toy world's `toy-clip` is an ordinary open_clip model config shipped in this package; its
+weights load from the shipped safetensors file when no `pretrained` is given.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import open_clip
+import torch
+
+from .errors import UserError
+from .names import unknown_name_error
+
+TOY_DIR = Path(__file__).resolve().parent / "toy"
+TOY_MODEL = "toy-clip"
+TOY_CONFIG = TOY_DIR / f"{TOY_MODEL}.json"
+TOY_WEIGHTS = TOY_DIR / f"{TOY_MODEL}.safetensors"
+
+
+@dataclass
+class Backbone:
+    """A frozen open_clip model with its tokenizer and evaluation preprocessing.
+
+    Attributes:
+        model: The open_clip ``CLIP`` module, in eval mode.
+        tokenizer: Callable ``list[str] -> LongTensor[M, L]``.
+        preprocess: PIL image -> tensor transform for evaluation.
+        name: The architecture name.
+        pretrained: The tag or weights file it was loaded with, or None (random init).
+    """
+
+    model: torch.nn.Module
+    tokenizer: Callable[[list[str]], torch.Tensor]
+    preprocess: Callable[[Any], torch.Tensor]
+    name: str
+    pretrained: str | None
+    _weights_hash: str | None = field(default=None, repr=False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def weights_hash(self) -> str:
+        """SHA-256 (first 16 hex digits) over the backbone's tensors, computed once."""
+        if self._weights_hash is None:
+            h = hashlib.sha256()
+            for key, tensor in sorted(self.model.state_dict().items()):
+                h.update(key.encode())
+                h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+            self._weights_hash = h.hexdigest()[:16]
+        return self._weights_hash
+
+    def identity(self) -> dict[str, str | None]:
+        """What a checkpoint or result file records about the backbone."""
+        pretrained = self.pretrained
+        if pretrained and Path(pretrained).is_file():
+            pretrained = Path(pretrained).name
+        return {"model": self.name, "pretrained": pretrained, "weights_sha256": self.weights_hash()}
+
+
+def resolve_device(device: str) -> torch.device:
+    """Map ``auto|cpu|cuda[:i]`` to a torch device; ``auto`` picks CUDA when present."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device} asked for, but CUDA is not available on this machine")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise UserError(f"unknown device '{device}'. Valid: auto, cpu, cuda, cuda:N")
+    return torch.device(device)
+
+
+def _register_model(model: str) -> str:
+    """Make `model` known to open_clip; a JSON path registers its config under the file's stem."""
+    if model == TOY_MODEL:
+        open_clip.add_model_config(TOY_CONFIG)
+        return model
+    path = Path(model)
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise UserError(f"model config file not found: {path}")
+        open_clip.add_model_config(path)
+        return path.stem
+    if model not in open_clip.list_models():
+        raise unknown_name_error("open_clip model", model, open_clip.list_models() + [TOY_MODEL])
+    return model
+
+
+def load_backbone(model: str = TOY_MODEL, pretrained: str | None = None, device: str = "auto") -> Backbone:
+    """Build an open_clip backbone.
+
+    Args:
+        model: An open_clip architecture name (``"ViT-B-16"``), the path of an open_clip model
+            config JSON, or ``"toy-clip"``.
+        pretrained: A pretrained tag (``"openai"``; downloaded where the network allows), the
+            path of a local weights file (``.safetensors``, or a torch file loaded with
+            ``weights_only=True``), or None: random init, except for ``toy-clip`` whose shipped
+            weights are used.
+        device: ``auto``, ``cpu`` or ``cuda``.
+
+    Raises:
+        UserError: unknown model or tag, a missing file, or a hub download that failed.
+    """
+    torch_device = resolve_device(device)
+    name = _register_model(model)
+    if pretrained is None and name == TOY_MODEL:
+        if not TOY_WEIGHTS.is_file():
+            raise UserError(f"the shipped toy-clip weights are missing ({TOY_WEIGHTS}); reinstall the package")
+        pretrained = str(TOY_WEIGHTS)
+    local_file = pretrained is not None and (Path(pretrained).is_file() or "/" in pretrained or pretrained.endswith((".safetensors", ".pt", ".bin", ".pth")))
+    if local_file and not Path(pretrained).is_file():
+        raise UserError(f"weights file not found: {pretrained}")
+    if pretrained and not local_file:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if pretrained not in tags:
+            raise unknown_name_error(f"pretrained tag for {name}", pretrained, tags)
+    try:
+        clip_model, _, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=None if local_file else pretrained, device=torch_device
+        )
+    except Exception as err:  # hub downloads fail in many ways; all mean the same to a user
+        if pretrained and not local_file:
+            reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+            raise UserError(
+                f"could not get pretrained weights '{pretrained}' for {name} from the hub ({reason}); "
+                f"no network? download them elsewhere and pass --pretrained /path/to/weights.safetensors"
+            ) from None
+        raise
+    if local_file:
+        try:
+            open_clip.load_checkpoint(clip_model, pretrained, weights_only=True, device=str(torch_device))
+        except Exception as err:
+            raise UserError(f"cannot load weights {pretrained} into {name}: {str(err).splitlines()[0][:200]}") from None
+    clip_model.eval()
+    for p in clip_model.parameters():
+        p.requires_grad_(False)
+    return Backbone(
+        model=clip_model,
+        tokenizer=open_clip.get_tokenizer(name),
+        preprocess=preprocess,
+        name=name,
+        pretrained=pretrained,
+    )
