@@ -32,13 +32,16 @@ class Backbone:
         tokenizer: Callable ``list[str] -> LongTensor[M, L]``.
         preprocess: PIL image -> tensor transform for evaluation.
         name: The architecture name.
-        pretrained: The tag or weights file it was loaded with, or None (random init).
+        spec: What `load_backbone` was given as `model` (a name, or a config path made absolute).
+        pretrained: The tag or absolute weights path it was loaded with; None for random init
+            and for the shipped toy-clip weights.
     """
 
     model: torch.nn.Module
     tokenizer: Callable[[list[str]], torch.Tensor]
     preprocess: Callable[[Any], torch.Tensor]
     name: str
+    spec: str
     pretrained: str | None
     _weights_hash: str | None = field(default=None, repr=False)
 
@@ -57,11 +60,8 @@ class Backbone:
         return self._weights_hash
 
     def identity(self) -> dict[str, str | None]:
-        """What a checkpoint or result file records about the backbone."""
-        pretrained = self.pretrained
-        if pretrained and Path(pretrained).is_file():
-            pretrained = Path(pretrained).name
-        return {"model": self.name, "pretrained": pretrained, "weights_sha256": self.weights_hash()}
+        """What a checkpoint or result file records: enough to rebuild and to verify the backbone."""
+        return {"model": self.spec, "pretrained": self.pretrained, "weights_sha256": self.weights_hash()}
 
 
 def resolve_device(device: str) -> torch.device:
@@ -108,20 +108,26 @@ def load_backbone(model: str = TOY_MODEL, pretrained: str | None = None, device:
     """
     torch_device = resolve_device(device)
     name = _register_model(model)
-    if pretrained is None and name == TOY_MODEL:
+    spec = str(Path(model).resolve()) if model.endswith(".json") else model
+    weights = pretrained
+    if weights is None and name == TOY_MODEL:
         if not TOY_WEIGHTS.is_file():
             raise UserError(f"the shipped toy-clip weights are missing ({TOY_WEIGHTS}); reinstall the package")
-        pretrained = str(TOY_WEIGHTS)
-    local_file = pretrained is not None and (Path(pretrained).is_file() or "/" in pretrained or pretrained.endswith((".safetensors", ".pt", ".bin", ".pth")))
-    if local_file and not Path(pretrained).is_file():
-        raise UserError(f"weights file not found: {pretrained}")
-    if pretrained and not local_file:
+        weights = str(TOY_WEIGHTS)
+    local_file = weights is not None and _looks_like_path(weights)
+    if local_file:
+        if not Path(weights).is_file():
+            raise UserError(f"weights file not found: {weights}")
+        weights = str(Path(weights).resolve())
+        if pretrained is not None:
+            pretrained = weights
+    elif pretrained:
         tags = open_clip.list_pretrained_tags_by_model(name)
         if pretrained not in tags:
             raise unknown_name_error(f"pretrained tag for {name}", pretrained, tags)
     try:
         clip_model, _, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=None if local_file else pretrained, device=torch_device
+            name, pretrained=None if local_file else weights, device=torch_device
         )
     except Exception as err:  # hub downloads fail in many ways; all mean the same to a user
         if pretrained and not local_file:
@@ -133,9 +139,9 @@ def load_backbone(model: str = TOY_MODEL, pretrained: str | None = None, device:
         raise
     if local_file:
         try:
-            open_clip.load_checkpoint(clip_model, pretrained, weights_only=True, device=str(torch_device))
+            open_clip.load_checkpoint(clip_model, weights, weights_only=True, device=str(torch_device))
         except Exception as err:
-            raise UserError(f"cannot load weights {pretrained} into {name}: {str(err).splitlines()[0][:200]}") from None
+            raise UserError(f"cannot load weights {weights} into {name}: {str(err).splitlines()[0][:200]}") from None
     clip_model.eval()
     for p in clip_model.parameters():
         p.requires_grad_(False)
@@ -144,5 +150,11 @@ def load_backbone(model: str = TOY_MODEL, pretrained: str | None = None, device:
         tokenizer=open_clip.get_tokenizer(name),
         preprocess=preprocess,
         name=name,
+        spec=spec,
         pretrained=pretrained,
     )
+
+
+def _looks_like_path(weights: str) -> bool:
+    """A pretrained value is a file path (not a hub tag) if it exists or looks like one."""
+    return Path(weights).exists() or "/" in weights or weights.endswith((".safetensors", ".pt", ".pth", ".bin"))

@@ -1,0 +1,252 @@
+"""The `promptbench` command: parse options, call the library, render. Nothing else lives here.
+
+Every `UserError` becomes one line on stderr and exit code 2; an interrupted evaluation still
+writes what it finished (marked incomplete).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import platform
+import re
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from . import __version__
+from .errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Measure how prompt wording moves CLIP-style prompt learners.")
+console = Console(stderr=True)
+DEFAULT_OUTPUT = "results/{learner}__{dataset}__{split}__{time}.json"
+
+
+class Listable(str, Enum):
+    learners = "learners"
+    templates = "templates"
+    perturbations = "perturbations"
+    datasets = "datasets"
+
+
+def parse_options(pairs: list[str]) -> dict[str, Any]:
+    """Turn ``key=value`` strings into a dict; values are JSON when they parse, else strings."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"learner option must be KEY=VALUE, got '{pair}'")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def output_path(template: str, **fields: str) -> Path:
+    """Fill the --output template; field values are made safe for file names."""
+    safe = {k: re.sub(r"[^A-Za-z0-9._-]+", "-", str(v)).strip("-") for k, v in fields.items()}
+    try:
+        return Path(template.format(**safe))
+    except (KeyError, IndexError) as err:
+        raise UserError(f"--output template has an unknown field {err}; fields: {', '.join(sorted(safe))}") from None
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class _Bars:
+    """A rich progress bar per evaluation stage, fed by the evaluator's progress callback."""
+
+    def __init__(self, progress: Progress):
+        self.progress = progress
+        self.tasks: dict[str, Any] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage not in self.tasks:
+            self.tasks[stage] = self.progress.add_task(stage, total=total)
+        self.progress.update(self.tasks[stage], completed=done, total=total)
+
+
+@app.command()
+def evaluate(
+    model: Annotated[str, typer.Option(help="open_clip architecture name, model-config JSON path, or toy-clip.")] = "toy-clip",
+    pretrained: Annotated[Optional[str], typer.Option(help="Pretrained tag (hub) or local weights file; toy-clip uses its shipped weights.")] = None,
+    learner: Annotated[str, typer.Option(help="Registered learner name or a learner checkpoint (.safetensors).")] = "zeroshot",
+    learner_opt: Annotated[list[str], typer.Option("--learner-opt", help="Learner option KEY=VALUE (repeatable).")] = [],
+    dataset: Annotated[str, typer.Option(help="toy-shapes | folder:PATH | coop:NAME@ROOT | hf:NAME | hf-disk:PATH")] = "toy-shapes",
+    split: Annotated[str, typer.Option(help="Dataset split.")] = "test",
+    subset: Annotated[str, typer.Option(help="all | base | new | base-new (both, with H).")] = "all",
+    image_column: Annotated[str, typer.Option(help="HF datasets: the image column.")] = "image",
+    label_column: Annotated[str, typer.Option(help="HF datasets: the label column.")] = "label",
+    trust_remote_code: Annotated[bool, typer.Option(help="HF datasets: allow the dataset's own loading code.")] = False,
+    templates: Annotated[str, typer.Option(help="Template set name or file (one template per line, {} = class).")] = "promptsrc60",
+    perturb: Annotated[str, typer.Option(help="'default' (4 ops x weak/strong), 'none', or e.g. 'synonym:0.3,drop:weak'.")] = "default",
+    draws: Annotated[int, typer.Option(min=1, help="Independent draws per perturbation.")] = 1,
+    lexicon: Annotated[Optional[Path], typer.Option(help="Your own synonym lexicon (JSON).")] = None,
+    mask_token: Annotated[str, typer.Option(help="Replacement string of the mask op.")] = "[MASK]",
+    seed: Annotated[int, typer.Option(help="Seed of every draw (perturbations, bootstrap).")] = 0,
+    bootstrap: Annotated[int, typer.Option(min=0, help="Bootstrap resamples for 95% intervals; 0 = off.")] = 1000,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 128,
+    num_workers: Annotated[int, typer.Option(min=0, help="Image-decoding worker processes.")] = 0,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    output: Annotated[str, typer.Option(help="Result JSON path; fields {learner} {dataset} {split} {subset} {model} {seed} {time}.")] = DEFAULT_OUTPUT,
+    csv: Annotated[Optional[Path], typer.Option(help="Also export the result as CSV here.")] = None,
+) -> None:
+    """Score a prompt learner over templates and text perturbations; print the table, write the JSON."""
+    from .backbone import load_backbone
+    from .data import SUBSETS, DatasetOptions, load_dataset
+    from .evaluate import EvalSettings, Evaluator
+    from .learners import build_learner, is_checkpoint, load_learner_checkpoint
+    from .perturb import load_lexicon, parse_perturbations
+    from .report import render
+    from .results import build_result, write_csv, write_json
+    from .templates import load_templates
+
+    subsets = ["base", "new"] if subset == "base-new" else [subset]
+    if subsets[0] not in SUBSETS:
+        raise UserError(f"unknown subset '{subset}'. Valid: all, base, new, base-new")
+    started = time.perf_counter()
+    template_set = load_templates(templates)
+    specs = parse_perturbations(perturb)
+    lex = load_lexicon(lexicon, mask_token=mask_token)
+    options = DatasetOptions(split=split, image_column=image_column, label_column=label_column,
+                             trust_remote_code=trust_remote_code)
+    datasets = [load_dataset(dataset, options, s) for s in subsets]
+    backbone = load_backbone(model, pretrained, device)
+    if is_checkpoint(learner):
+        prompt_learner = load_learner_checkpoint(learner, backbone)
+    else:
+        prompt_learner = build_learner(learner, backbone, parse_options(learner_opt))
+    settings = EvalSettings(templates=template_set.templates, perturbations=tuple(specs), draws=draws, seed=seed,
+                            bootstrap=bootstrap, batch_size=batch_size, num_workers=num_workers, lexicon=lex)
+    import open_clip
+    import torch
+
+    run = {
+        "package_version": __version__,
+        "torch_version": torch.__version__,
+        "open_clip_version": open_clip.__version__,
+        "python": platform.python_version(),
+        "command": sys.argv,
+        "model": backbone.spec,
+        "pretrained": backbone.pretrained,
+        "backbone_sha256": backbone.weights_hash(),
+        "learner": prompt_learner.name,
+        "learner_options": prompt_learner.options,
+        "checkpoint": learner if is_checkpoint(learner) else None,
+        "checkpoint_sha256": sha256_file(learner) if is_checkpoint(learner) else None,
+        "dataset": dataset,
+        "dataset_fingerprint": {d.name: d.fingerprint() for d in datasets},
+        "split": split,
+        "subset": subset,
+        "templates_name": template_set.name,
+        "templates": list(template_set.templates),
+        "perturbations": [{"label": p.label, "op": p.op, "rate": p.rate, "level": p.level} for p in specs],
+        "draws": draws,
+        "lexicon": str(lexicon) if lexicon else "shipped",
+        "mask_token": mask_token,
+        "seed": seed,
+        "bootstrap": bootstrap,
+        "device": str(backbone.device),
+        "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    path = output_path(output, learner=prompt_learner.name, dataset=dataset, split=split, subset=subset,
+                       model=backbone.name, seed=str(seed), time=dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    finished: list = []
+    with Progress(TextColumn("{task.description:>13}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:
+        evaluator = Evaluator(prompt_learner, settings, progress=_Bars(progress))
+        try:
+            for ds, name in zip(datasets, subsets):
+                evaluator.run(ds, subset=name, partial=finished)
+        except KeyboardInterrupt:
+            run["wall_time_s"] = time.perf_counter() - started
+            write_json(build_result(run, finished, complete=False), path)
+            console.print(f"interrupted: partial results written to {path}")
+            raise typer.Exit(130) from None
+    run["wall_time_s"] = time.perf_counter() - started
+    doc = build_result(run, finished)
+    write_json(doc, path)
+    render(doc, Console())
+    if csv:
+        write_csv(doc, csv)
+    skipped = sum(len(r.skipped) for r in finished)
+    if skipped:
+        console.print(f"[yellow]warning:[/] {skipped} corrupt image(s) skipped; listed under 'skipped' in {path}")
+    console.print(f"wrote {path} ({run['wall_time_s']:.1f} s)")
+
+
+@app.command()
+def report(
+    file: Annotated[Path, typer.Argument(help="A result JSON written by `promptbench evaluate`.")],
+    csv: Annotated[Optional[Path], typer.Option(help="Export the result as CSV here.")] = None,
+) -> None:
+    """Re-render a saved result file; optionally export it as CSV."""
+    from .report import render
+    from .results import read_result, write_csv
+
+    doc = read_result(file)
+    render(doc, Console())
+    if csv:
+        write_csv(doc, csv)
+        console.print(f"wrote {csv}")
+
+
+@app.command("list")
+def list_(what: Annotated[Listable, typer.Argument(help="What to list.")]) -> None:
+    """List learners (built-in and plug-in), template sets, perturbation ops or dataset sources."""
+    out = Console()
+    if what is Listable.learners:
+        from .learners import LEARNERS
+
+        for name in LEARNERS.names():
+            out.print(f"{name:<16} {LEARNERS.origin(name)}")
+    elif what is Listable.templates:
+        from .templates import list_template_sets, load_templates
+
+        for name in list_template_sets():
+            out.print(f"{name:<24} {len(load_templates(name))} template(s)")
+    elif what is Listable.perturbations:
+        from .perturb import DEFAULT_OPS, LEVELS, OPS
+
+        for op in OPS:
+            out.print(f"{op:<10} {'(default)' if op in DEFAULT_OPS else ''}")
+        out.print("levels: " + ", ".join(f"{k}={v}" for k, v in LEVELS.items()) + "; or any rate in [0, 1], e.g. drop:0.3")
+    else:
+        from .data import SOURCES
+
+        for name, description in SOURCES.items():
+            out.print(f"{name:<12} {description}")
+
+
+def main() -> None:
+    """Console-script entry: run the app, turning user errors into one line and exit code 2."""
+    try:
+        app(standalone_mode=False)
+    except UserError as err:
+        console.print(f"[red]error:[/] {err}", highlight=False)
+        sys.exit(2)
+    except typer.Exit as exit_:
+        sys.exit(exit_.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        sys.exit(130)
+    except Exception as err:  # click usage errors arrive here in standalone_mode=False
+        import click
+
+        if isinstance(err, click.exceptions.ClickException):
+            err.show()
+            sys.exit(2)
+        raise

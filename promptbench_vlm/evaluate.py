@@ -1,0 +1,329 @@
+"""The Evaluator: one learner, one dataset, a template set and perturbations -> metrics.
+
+Encode once: image features are computed once per image, text features once per unique prompt
+string; logits are streamed in blocks of (templates x images) so ``[T, N, C]`` never exists.
+Only per-template arrays ``[T, N]`` (and ``[T, R, N]`` per perturbation) reach `metrics`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from . import metrics
+from .data.base import CorruptImageError, ImageDataset
+from .errors import UserError
+from .learners.base import PromptLearner
+from .perturb import Lexicon, PerturbSpec, fill_template, load_lexicon, perturb
+
+ProgressFn = Callable[[str, int, int], None]
+"""Called as ``progress(stage, done, total)``; the CLI draws a bar from it."""
+
+LOGIT_BLOCK_ELEMENTS = 1 << 22  # the largest logits block held at once: 4M floats = 16 MB
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """What to evaluate beyond the learner and dataset; recorded in the result file.
+
+    Attributes:
+        templates: The clean templates, each with one ``{}``.
+        perturbations: Perturbation specs; each is applied to every filled prompt `draws` times.
+        draws: Independent draws R per perturbation.
+        seed: Fixes every draw (perturbations, bootstrap).
+        bootstrap: Bootstrap resamples for intervals; 0 turns intervals off.
+        batch_size: Images per encoder batch.
+        text_batch_size: Prompt strings per text-encoder batch.
+        num_workers: DataLoader workers for image decoding.
+        lexicon: Perturbation lexicon; None uses the shipped one.
+    """
+
+    templates: tuple[str, ...]
+    perturbations: tuple[PerturbSpec, ...] = ()
+    draws: int = 1
+    seed: int = 0
+    bootstrap: int = 1000
+    batch_size: int = 128
+    text_batch_size: int = 512
+    num_workers: int = 0
+    lexicon: Lexicon | None = None
+
+
+@dataclass
+class PerturbationResult:
+    """Metrics for one perturbation spec (op at a rate) over all templates and draws."""
+
+    spec: PerturbSpec
+    draws: int
+    metrics: dict[str, metrics.Estimate]
+
+
+@dataclass
+class SubsetResult:
+    """Everything measured on one subset (all, base or new) of a dataset."""
+
+    subset: str
+    n_images: int
+    n_classes: int
+    skipped: list[dict[str, str]]
+    metrics: dict[str, metrics.Estimate]
+    per_template_acc: list[float]
+    perturbations: list[PerturbationResult] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class PromptTable:
+    """Every prompt string the evaluation needs, deduplicated, with index arrays into it.
+
+    Attributes:
+        texts: The unique prompt strings, in first-seen order.
+        clean: ``[T, C]`` row of each filled clean template.
+        perturbed: Per perturbation spec, ``[T, R, C]`` rows of the perturbed prompts.
+        unchanged: Per perturbation spec, ``[T, R, C]`` True where the op found no candidate.
+    """
+
+    texts: list[str]
+    clean: np.ndarray
+    perturbed: list[np.ndarray]
+    unchanged: list[np.ndarray]
+
+
+def draw_seed(seed: int, draw: int) -> int:
+    """The perturbation seed of draw `draw`: distinct per draw, stable across runs."""
+    return seed * 1_000_003 + draw
+
+
+def build_prompt_table(
+    templates: Sequence[str],
+    classnames: Sequence[str],
+    perturbations: Sequence[PerturbSpec],
+    draws: int,
+    seed: int,
+    lexicon: Lexicon,
+) -> PromptTable:
+    """Fill every template with every class, perturb each filled prompt, and deduplicate."""
+    index: dict[str, int] = {}
+
+    def row(text: str) -> int:
+        return index.setdefault(text, len(index))
+
+    filled = [[fill_template(t, c) for c in classnames] for t in templates]
+    clean = np.array([[row(text) for text, _ in per_class] for per_class in filled], dtype=np.int64)
+    perturbed, unchanged = [], []
+    shape = (len(templates), draws, len(classnames))
+    for spec in perturbations:
+        rows = np.empty(shape, dtype=np.int64)
+        same = np.zeros(shape, dtype=bool)
+        for t, per_class in enumerate(filled):
+            for r in range(draws):
+                for c, (text, span) in enumerate(per_class):
+                    out = perturb(text, span, spec.op, spec.rate, draw_seed(seed, r), lexicon)
+                    rows[t, r, c] = row(out.text)
+                    same[t, r, c] = out.n_edits == 0
+        perturbed.append(rows)
+        unchanged.append(same)
+    return PromptTable(list(index), clean, perturbed, unchanged)
+
+
+class _ImageItems(Dataset):
+    """Adapts an ImageDataset to a torch Dataset; a corrupt image becomes None (skipped later)."""
+
+    def __init__(self, dataset: ImageDataset, preprocess: Callable):
+        self.dataset = dataset
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        try:
+            return self.preprocess(self.dataset.load(i)), i, None
+        except CorruptImageError as err:
+            return None, i, str(err)
+
+
+def _collate(batch):
+    good = [(x, i) for x, i, _ in batch if x is not None]
+    bad = [(i, err) for x, i, err in batch if x is None]
+    images = torch.stack([x for x, _ in good]) if good else None
+    return images, [i for _, i in good], bad
+
+
+@torch.inference_mode()
+def encode_images(
+    learner: PromptLearner,
+    dataset: ImageDataset,
+    batch_size: int = 128,
+    num_workers: int = 0,
+    progress: ProgressFn | None = None,
+) -> tuple[torch.Tensor, np.ndarray, list[dict[str, str]]]:
+    """Encode every readable image once.
+
+    Returns:
+        features ``[N', D]`` (float32, on the learner's device), labels ``[N']`` of the images
+        kept, and the skipped images as ``{"item", "error"}`` records.
+    """
+    loader = DataLoader(
+        _ImageItems(dataset, learner.backbone.preprocess),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=_collate,
+        pin_memory=learner.device.type == "cuda",
+    )
+    feats, kept, skipped = [], [], []
+    done = 0
+    for images, indices, bad in loader:
+        skipped += [{"item": dataset.describe(i), "error": err} for i, err in bad]
+        if images is not None:
+            feats.append(learner.encode_images(images.to(learner.device, non_blocking=True)).float())
+            kept += indices
+        done += len(indices) + len(bad)
+        if progress:
+            progress("images", done, len(dataset))
+    if not feats:
+        raise UserError(f"no readable image in dataset {dataset.name} ({len(skipped)} corrupt)")
+    labels = np.asarray([dataset.labels[i] for i in kept], dtype=np.int64)
+    return torch.cat(feats), labels, skipped
+
+
+@torch.inference_mode()
+def encode_texts(
+    learner: PromptLearner, texts: Sequence[str], batch_size: int = 512, progress: ProgressFn | None = None
+) -> torch.Tensor:
+    """Encode each string once, in batches: ``[M, D]`` float32 on the learner's device."""
+    out = []
+    for start in range(0, len(texts), batch_size):
+        out.append(learner.encode_texts(list(texts[start : start + batch_size])).float())
+        if progress:
+            progress("texts", min(start + batch_size, len(texts)), len(texts))
+    return torch.cat(out)
+
+
+@dataclass
+class TemplateScores:
+    """Per-template arrays over images: what the metrics consume."""
+
+    pred: np.ndarray  # [B, N] argmax class
+    p_true: np.ndarray  # [B, N] softmax probability of the true class
+    cos_true: np.ndarray  # [B, N] cosine of image and true-class text feature
+
+
+@torch.inference_mode()
+def score_templates(
+    image_feats: torch.Tensor, labels: torch.Tensor, class_feats: torch.Tensor, logit_scale: float
+) -> TemplateScores:
+    """Score images against B sets of class features ``[B, C, D]`` in bounded-memory blocks."""
+    n_sets, n_classes, _ = class_feats.shape
+    n_images = image_feats.shape[0]
+    img_block = max(1, min(n_images, LOGIT_BLOCK_ELEMENTS // max(1, n_classes)))
+    set_block = max(1, LOGIT_BLOCK_ELEMENTS // (img_block * n_classes))
+    pred = torch.empty(n_sets, n_images, dtype=torch.long)
+    p_true = torch.empty(n_sets, n_images)
+    cos_true = torch.empty(n_sets, n_images)
+    for i0 in range(0, n_images, img_block):
+        v = image_feats[i0 : i0 + img_block]
+        y = labels[i0 : i0 + img_block]
+        for s0 in range(0, n_sets, set_block):
+            cos = torch.einsum("nd,bcd->bnc", v, class_feats[s0 : s0 + set_block])  # [b, n, C]
+            logits = logit_scale * cos
+            true_cos = cos.gather(2, y.view(1, -1, 1).expand(cos.shape[0], -1, 1)).squeeze(2)
+            true_logit = logit_scale * true_cos
+            pred[s0 : s0 + set_block, i0 : i0 + img_block] = logits.argmax(2).cpu()
+            p_true[s0 : s0 + set_block, i0 : i0 + img_block] = (true_logit - logits.logsumexp(2)).exp().cpu()
+            cos_true[s0 : s0 + set_block, i0 : i0 + img_block] = true_cos.cpu()
+    return TemplateScores(pred.numpy(), p_true.numpy(), cos_true.numpy())
+
+
+class Evaluator:
+    """Scores one learner over templates and perturbations on a dataset.
+
+    Args:
+        learner: Any `PromptLearner`.
+        settings: Templates, perturbations, seeds and batch sizes.
+        progress: Optional ``progress(stage, done, total)`` callback.
+    """
+
+    def __init__(self, learner: PromptLearner, settings: EvalSettings, progress: ProgressFn | None = None):
+        if learner.conditional:
+            raise UserError(
+                f"learner '{learner.name}' is image-conditional; conditional evaluation is not supported yet"
+            )
+        self.learner = learner
+        self.settings = settings
+        self.progress = progress
+        self.lexicon = settings.lexicon or load_lexicon()
+
+    def run(self, dataset: ImageDataset, subset: str = "all", partial: list | None = None) -> SubsetResult:
+        """Evaluate on `dataset`; `partial`, if given, receives the result as soon as it exists.
+
+        Clean metrics are computed first and the result object is appended to `partial` then, so
+        a caller that is interrupted during the perturbations keeps what was finished.
+        """
+        s = self.settings
+        learner = self.learner.eval()
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        image_feats, labels_np, skipped = encode_images(learner, dataset, s.batch_size, s.num_workers, self.progress)
+        timings["encode_images_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        table = build_prompt_table(s.templates, dataset.classnames, s.perturbations, s.draws, s.seed, self.lexicon)
+        timings["build_prompts_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        text_feats = encode_texts(learner, table.texts, s.text_batch_size, self.progress)
+        timings["encode_texts_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        scale = float(learner.logit_scale)
+        labels = torch.as_tensor(labels_np, device=image_feats.device)
+        clean_feats = text_feats[torch.as_tensor(table.clean, device=text_feats.device)]  # [T, C, D]
+        clean = score_templates(image_feats, labels, clean_feats, scale)
+        ensemble = torch.nn.functional.normalize(clean_feats.mean(0), dim=-1)  # [C, D]
+        pred_ens = score_templates(image_feats, labels, ensemble.unsqueeze(0), scale).pred[0]
+        result = SubsetResult(
+            subset=subset,
+            n_images=len(labels_np),
+            n_classes=len(dataset.classnames),
+            skipped=skipped,
+            metrics=metrics.clean_metrics(
+                clean.pred, clean.p_true, clean.cos_true, labels_np, pred_ens, n_resamples=s.bootstrap, seed=s.seed
+            ),
+            per_template_acc=metrics.per_template_accuracy(clean.pred, labels_np).tolist(),
+            timings=timings,
+            counts={"images_encoded": len(labels_np), "texts_encoded": len(table.texts)},
+        )
+        if partial is not None:
+            partial.append(result)
+        for k, spec in enumerate(s.perturbations):
+            rows = torch.as_tensor(table.perturbed[k], device=text_feats.device)  # [T, R, C]
+            n_t, n_r, n_c = rows.shape
+            pert_feats = text_feats[rows.reshape(n_t * n_r, n_c)]  # [T*R, C, D]
+            pert = score_templates(image_feats, labels, pert_feats, scale)
+            text_cos = (pert_feats.view(n_t, n_r, n_c, -1) * clean_feats.unsqueeze(1)).sum(-1)
+            result.perturbations.append(
+                PerturbationResult(
+                    spec=spec,
+                    draws=s.draws,
+                    metrics=metrics.perturbation_metrics(
+                        clean.pred,
+                        pert.pred.reshape(n_t, n_r, -1),
+                        labels_np,
+                        text_cos.cpu().numpy(),
+                        table.unchanged[k],
+                        n_resamples=s.bootstrap,
+                        seed=s.seed,
+                    ),
+                )
+            )
+            if self.progress:
+                self.progress("perturbations", k + 1, len(s.perturbations))
+        timings["score_and_metrics_s"] = time.perf_counter() - t0
+        return result

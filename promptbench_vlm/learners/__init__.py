@@ -1,0 +1,58 @@
+"""Learners: the registry (entry-point group `promptbench_vlm.learners`) and how to build one.
+
+Built-in learners are declared in this package's own `pyproject.toml` under the same group a
+plug-in uses, so `promptbench list learners` shows both the same way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..backbone import Backbone, load_backbone
+from ..errors import UserError
+from ..registry import Registry
+from .base import PromptLearner, read_checkpoint
+
+LEARNERS: Registry[type[PromptLearner]] = Registry("promptbench_vlm.learners", "learner")
+
+
+def is_checkpoint(spec: str) -> bool:
+    """True when a --learner value names a checkpoint file rather than a registered learner."""
+    return spec.endswith(".safetensors") or Path(spec).is_file()
+
+
+def build_learner(name: str, backbone: Backbone, options: dict[str, Any] | None = None) -> PromptLearner:
+    """Instantiate the registered learner `name` on `backbone` with `options`."""
+    cls = LEARNERS.get(name)
+    if not (isinstance(cls, type) and issubclass(cls, PromptLearner)):
+        raise UserError(f"learner '{name}' ({LEARNERS.origin(name)}) is not a PromptLearner subclass")
+    try:
+        learner = cls(backbone, **(options or {}))
+    except TypeError as err:
+        raise UserError(f"learner '{name}': bad options {options}: {err}") from None
+    return learner.to(backbone.device)
+
+
+def load_learner_checkpoint(path: str | Path, backbone: Backbone | None = None, device: str = "auto") -> PromptLearner:
+    """Rebuild a learner from its checkpoint alone (or on `backbone` if given, which must match).
+
+    Raises:
+        UserError: unreadable file, unknown learner, or a checkpoint made for another backbone.
+    """
+    tensors, meta = read_checkpoint(path)
+    recorded = meta["backbone"]
+    if backbone is None:
+        backbone = load_backbone(recorded.get("model", ""), recorded.get("pretrained"), device)
+    if recorded.get("weights_sha256") and recorded["weights_sha256"] != backbone.weights_hash():
+        raise UserError(
+            f"checkpoint {path} was trained on backbone {recorded.get('model')} "
+            f"(weights {recorded['weights_sha256']}), not on {backbone.name} (weights {backbone.weights_hash()})"
+        )
+    learner = build_learner(meta["learner"], backbone, meta["options"])
+    learner.load_learned_state(tensors, str(path))
+    learner.checkpoint_path = str(path)
+    return learner
+
+
+__all__ = ["LEARNERS", "PromptLearner", "build_learner", "is_checkpoint", "load_learner_checkpoint"]

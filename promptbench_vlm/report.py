@@ -1,0 +1,76 @@
+"""Render a result document on the terminal with rich (used by `evaluate` and `report`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+CLEAN_ROWS = [
+    ("acc_mean", "accuracy, mean over templates (%)"),
+    ("acc_std", "accuracy, std over templates"),
+    ("acc_min", "accuracy, worst template (%)"),
+    ("acc_max", "accuracy, best template (%)"),
+    ("acc_spread", "accuracy spread, max - min (points)"),
+    ("ensemble_acc", "prompt-ensemble accuracy (%)"),
+    ("sensitivity", "sensitivity S(θ), Var_t of p(true)"),
+    ("sensitivity_cos", "sensitivity on cosine"),
+    ("flip_rate", "flip rate (share of images)"),
+]
+PERTURBATION_COLUMNS = [("acc_pert", "acc'"), ("AS", "AS"), ("LPR", "LPR"), ("TS", "TS"), ("PDR", "PDR"),
+                        ("unchanged_frac", "unchanged")]
+
+
+def fmt(estimate: dict[str, Any] | None, digits: int = 2) -> str:
+    """Format ``{"value", "ci"}`` as ``v [lo, hi]``; small values get more digits."""
+    if estimate is None:
+        return "-"
+    value = estimate["value"]
+    if value is not None and abs(value) < 1 and value != 0:
+        digits = max(digits, 4)
+    text = f"{value:.{digits}f}"
+    ci = estimate.get("ci")
+    if ci:
+        text += f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+    return text
+
+
+def render(doc: dict[str, Any], console: Console | None = None, n_templates: int = 5) -> None:
+    """Print the summary, clean metrics, perturbation metrics and best/worst templates."""
+    console = console or Console()
+    run = doc["run"]
+    title = f"{run['learner']} on {run['model']} - {run['dataset']} ({run['split']})"
+    if not doc.get("complete", True):
+        title += "  [INCOMPLETE: interrupted run]"
+    for subset, body in doc["subsets"].items():
+        skipped = f", {body['n_skipped']} corrupt images skipped" if body["n_skipped"] else ""
+        clean = Table(title=f"{title} - subset {subset}: {body['n_images']} images, {body['n_classes']} classes, "
+                      f"{len(run['templates'])} templates{skipped}", title_justify="left")
+        clean.add_column("clean metric")
+        clean.add_column("value [95% CI]", justify="right")
+        for key, label in CLEAN_ROWS:
+            if key in body["metrics"]:
+                clean.add_row(label, fmt(body["metrics"][key]))
+        console.print(clean)
+        if body["perturbations"]:
+            pert = Table(title="perturbations (AS: accuracy shift, points; LPR: label preservation, %; TS: text shift)",
+                         title_justify="left")
+            pert.add_column("op:level")
+            for _, label in PERTURBATION_COLUMNS:
+                pert.add_column(label, justify="right")
+            for p in body["perturbations"]:
+                pert.add_row(p["label"], *(fmt(p["metrics"].get(key)) for key, _ in PERTURBATION_COLUMNS))
+            console.print(pert)
+        ranked = sorted(zip(body["per_template_acc"], run["templates"]))
+        if len(ranked) > 1:
+            tmpl = Table(title="worst and best templates", title_justify="left")
+            tmpl.add_column("template")
+            tmpl.add_column("acc (%)", justify="right")
+            shown = ranked[:n_templates] + ranked[-n_templates:] if len(ranked) > 2 * n_templates else ranked
+            for acc, template in shown:
+                tmpl.add_row(template, f"{acc:.2f}")
+            console.print(tmpl)
+    if doc.get("base_new"):
+        bn = doc["base_new"]
+        console.print(f"base {bn['base']:.2f}  new {bn['new']:.2f}  H {bn['H']:.2f}")

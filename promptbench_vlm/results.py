@@ -1,0 +1,130 @@
+"""The result file: a typed, versioned JSON document, and its CSV export.
+
+One file per run holds the metrics of each evaluated subset and everything needed to rerun it
+(versions, backbone, learner, checkpoint hash, dataset, templates, perturbation settings, seed,
+device, timing). `read_result` refuses files of an unknown schema version.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+from .evaluate import SubsetResult
+
+SCHEMA = "promptbench_vlm/result"
+SCHEMA_VERSION = 1
+
+
+def subset_to_dict(result: SubsetResult) -> dict[str, Any]:
+    """The JSON form of one subset's results."""
+    return {
+        "n_images": result.n_images,
+        "n_classes": result.n_classes,
+        "n_skipped": len(result.skipped),
+        "skipped": result.skipped,
+        "metrics": {k: v.to_dict() for k, v in result.metrics.items()},
+        "per_template_acc": result.per_template_acc,
+        "perturbations": [
+            {
+                "label": p.spec.label,
+                "op": p.spec.op,
+                "rate": p.spec.rate,
+                "level": p.spec.level,
+                "draws": p.draws,
+                "metrics": {k: v.to_dict() for k, v in p.metrics.items()},
+            }
+            for p in result.perturbations
+        ],
+        "timings": result.timings,
+        "counts": result.counts,
+    }
+
+
+def build_result(run: dict[str, Any], subsets: list[SubsetResult], complete: bool = True) -> dict[str, Any]:
+    """Assemble the result document; with base and new subsets, add base/new accuracy and H."""
+    from .metrics import harmonic_mean
+
+    doc: dict[str, Any] = {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "complete": complete,
+        "run": run,
+        "subsets": {r.subset: subset_to_dict(r) for r in subsets},
+    }
+    by_name = {r.subset: r for r in subsets}
+    if "base" in by_name and "new" in by_name:
+        base = by_name["base"].metrics["acc_mean"].value
+        new = by_name["new"].metrics["acc_mean"].value
+        doc["base_new"] = {"base": base, "new": new, "H": harmonic_mean(base, new)}
+    return doc
+
+
+def write_json(doc: dict[str, Any], path: str | Path) -> Path:
+    """Write `doc` atomically (temporary file, then rename): a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(doc, f, indent=2, allow_nan=True)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_result(path: str | Path) -> dict[str, Any]:
+    """Read a result file, checking its schema.
+
+    Raises:
+        UserError: missing file, invalid JSON, or a schema this version cannot read.
+    """
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"result file not found: {path}") from None
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"cannot read result file {path}: {err}") from None
+    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
+        raise UserError(f"{path} is not a promptbench_vlm result file")
+    if doc.get("schema_version") != SCHEMA_VERSION:
+        raise UserError(
+            f"{path} has result schema version {doc.get('schema_version')}; this version reads {SCHEMA_VERSION}"
+        )
+    return doc
+
+
+def result_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Flatten a result into long-format rows: subset, group, metric, value, ci_low, ci_high."""
+    rows = []
+    for subset, body in doc["subsets"].items():
+        groups = [("clean", body["metrics"])] + [(p["label"], p["metrics"]) for p in body["perturbations"]]
+        for group, values in groups:
+            for metric, est in values.items():
+                ci = est.get("ci") or [None, None]
+                rows.append({"subset": subset, "group": group, "metric": metric,
+                             "value": est["value"], "ci_low": ci[0], "ci_high": ci[1]})
+        for template, acc in zip(doc["run"]["templates"], body["per_template_acc"]):
+            rows.append({"subset": subset, "group": "template", "metric": template,
+                         "value": acc, "ci_low": None, "ci_high": None})
+    for key, value in (doc.get("base_new") or {}).items():
+        rows.append({"subset": "base_new", "group": "clean", "metric": key,
+                     "value": value, "ci_low": None, "ci_high": None})
+    return rows
+
+
+def write_csv(doc: dict[str, Any], path: str | Path) -> Path:
+    """Export `doc` as a long-format CSV (one row per metric, group and subset)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = result_rows(doc)
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["subset", "group", "metric", "value", "ci_low", "ci_high"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path

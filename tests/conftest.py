@@ -1,0 +1,63 @@
+"""Shared fixtures: a tiny random open_clip model and small generated image data (all offline)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from promptbench_vlm.backbone import Backbone, load_backbone
+from promptbench_vlm.data.base import CorruptImageError, ImageDataset
+
+TINY_CONFIG = Path(__file__).parent / "data" / "tiny-clip.json"
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
+
+
+def colour_image(rgb: tuple[int, int, int], seed: int, size: int = 32) -> Image.Image:
+    """A flat colour with a little seeded noise: distinct per class, varied per image."""
+    rng = np.random.default_rng(seed)
+    pixels = np.clip(np.array(rgb) + rng.normal(0, 12, (size, size, 3)), 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels, "RGB")
+
+
+class ColourDataset(ImageDataset):
+    """In-memory dataset of colour classes; `corrupt` indices raise CorruptImageError."""
+
+    def __init__(self, per_class: int = 3, corrupt: tuple[int, ...] = ()):
+        self.name = "colours"
+        self.classnames = list(COLOURS)
+        self.labels = [c for c in range(len(COLOURS)) for _ in range(per_class)]
+        self.corrupt = set(corrupt)
+
+    def load(self, index: int) -> Image.Image:
+        if index in self.corrupt:
+            raise CorruptImageError(f"colours/{index}: cannot identify image file")
+        return colour_image(COLOURS[self.classnames[self.labels[index]]], seed=index)
+
+    def describe(self, index: int) -> str:
+        return f"colours/{index}"
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone() -> Backbone:
+    torch.manual_seed(0)
+    return load_backbone(str(TINY_CONFIG), device="cpu")
+
+
+@pytest.fixture
+def colour_dataset() -> ColourDataset:
+    return ColourDataset()
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """An image folder with one sub-folder per colour class, 3 PNGs each."""
+    root = tmp_path / "colours"
+    for c, (name, rgb) in enumerate(COLOURS.items()):
+        (root / name).mkdir(parents=True)
+        for i in range(3):
+            colour_image(rgb, seed=10 * c + i).save(root / name / f"{i}.png")
+    return root

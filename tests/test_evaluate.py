@@ -1,0 +1,109 @@
+"""The Evaluator against direct computation, encode-once, streaming and corrupt images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from promptbench_vlm import evaluate as ev
+from promptbench_vlm.evaluate import EvalSettings, Evaluator, build_prompt_table
+from promptbench_vlm.learners import build_learner
+from promptbench_vlm.perturb import fill_template, load_lexicon, parse_perturbations
+
+TEMPLATES = ("a photo of a {}.", "a blurry photo of the {}.", "a sketch of a {}.", "itap of the {}.")
+
+
+class CountingLearner:
+    """Wraps a learner's encoders to count how many images and texts they see."""
+
+    def __init__(self, learner):
+        self.images = 0
+        self.texts: list[str] = []
+        enc_i, enc_t = learner.encode_images, learner.encode_texts
+
+        def encode_images(x):
+            self.images += x.shape[0]
+            return enc_i(x)
+
+        def encode_texts(texts, image_features=None):
+            self.texts += texts
+            return enc_t(texts)
+
+        learner.encode_images = encode_images
+        learner.encode_texts = encode_texts
+
+
+def direct_scores(learner, dataset, templates):
+    """[T, N, C] logits the naive way, for comparison (only fine on tiny data)."""
+    preprocess = learner.backbone.preprocess
+    with torch.no_grad():
+        images = torch.stack([preprocess(dataset.load(i)) for i in range(len(dataset))])
+        v = learner.encode_images(images)
+        u = torch.stack([learner.encode_texts([t.replace("{}", c) for c in dataset.classnames]) for t in templates])
+        logits = learner.logit_scale * torch.einsum("nd,tcd->tnc", v, u)
+    return logits, v, u
+
+
+@pytest.fixture
+def zeroshot(tiny_backbone):
+    return build_learner("zeroshot", tiny_backbone)
+
+
+def test_clean_metrics_match_direct_computation(zeroshot, colour_dataset):
+    settings = EvalSettings(templates=TEMPLATES, bootstrap=0)
+    result = Evaluator(zeroshot, settings).run(colour_dataset)
+    logits, v, u = direct_scores(zeroshot, colour_dataset, TEMPLATES)
+    labels = torch.tensor(colour_dataset.labels)
+    acc = (logits.argmax(2) == labels).float().mean(1) * 100
+    np.testing.assert_allclose(result.per_template_acc, acc.numpy(), atol=1e-4)
+    p_true = logits.softmax(2)[:, torch.arange(len(labels)), labels]
+    assert result.metrics["sensitivity"].value == pytest.approx(p_true.var(0, unbiased=False).mean().item(), abs=1e-6)
+    ens = torch.nn.functional.normalize(u.mean(0), dim=-1)
+    ens_acc = ((v @ ens.T).argmax(1) == labels).float().mean().item() * 100
+    assert result.metrics["ensemble_acc"].value == pytest.approx(ens_acc, abs=1e-4)
+
+
+def test_streaming_in_small_blocks_gives_the_same_scores(zeroshot, colour_dataset, monkeypatch):
+    settings = EvalSettings(templates=TEMPLATES, perturbations=tuple(parse_perturbations("drop:strong")), bootstrap=0)
+    whole = Evaluator(zeroshot, settings).run(colour_dataset)
+    monkeypatch.setattr(ev, "LOGIT_BLOCK_ELEMENTS", 5)  # forces blocks of 1 image x 1 template
+    blocked = Evaluator(zeroshot, settings).run(colour_dataset)
+    assert blocked.per_template_acc == whole.per_template_acc
+    assert blocked.metrics["sensitivity"].value == pytest.approx(whole.metrics["sensitivity"].value, abs=1e-7)
+    assert blocked.perturbations[0].metrics["LPR"].value == whole.perturbations[0].metrics["LPR"].value
+
+
+def test_encode_once(zeroshot, colour_dataset):
+    specs = tuple(parse_perturbations("default"))
+    draws = 2
+    counter = CountingLearner(zeroshot)
+    settings = EvalSettings(templates=TEMPLATES, perturbations=specs, draws=draws, bootstrap=0, batch_size=5)
+    result = Evaluator(zeroshot, settings).run(colour_dataset)
+    assert counter.images == len(colour_dataset)
+    assert len(counter.texts) == len(set(counter.texts))
+    expected = {fill_template(t, c)[0] for t in TEMPLATES for c in colour_dataset.classnames}
+    table = build_prompt_table(TEMPLATES, colour_dataset.classnames, specs, draws, 0, load_lexicon())
+    assert set(counter.texts) == set(table.texts) >= expected
+    assert result.counts == {"images_encoded": len(colour_dataset), "texts_encoded": len(set(counter.texts))}
+    assert len(result.perturbations) == len(specs)
+
+
+def test_perturbation_metrics_are_consistent(zeroshot, colour_dataset):
+    settings = EvalSettings(templates=TEMPLATES, perturbations=tuple(parse_perturbations("mask:strong")), bootstrap=50)
+    result = Evaluator(zeroshot, settings).run(colour_dataset)
+    m = result.perturbations[0].metrics
+    assert m["AS"].value == pytest.approx(result.metrics["acc_mean"].value - m["acc_pert"].value, abs=1e-6)
+    assert 0 <= m["LPR"].value <= 100
+    assert m["TS"].value > 0  # masking half the words moves the text features
+    lo, hi = result.metrics["acc_mean"].ci
+    assert lo <= result.metrics["acc_mean"].value <= hi
+
+
+def test_corrupt_images_are_skipped_and_counted(zeroshot):
+    from conftest import ColourDataset
+
+    dataset = ColourDataset(corrupt=(1, 5))
+    result = Evaluator(zeroshot, EvalSettings(templates=TEMPLATES, bootstrap=0)).run(dataset)
+    assert result.n_images == len(dataset) - 2
+    assert [s["item"] for s in result.skipped] == ["colours/1", "colours/5"]
