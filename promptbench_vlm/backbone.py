@@ -7,9 +7,12 @@ weights load from the shipped safetensors file when no `pretrained` is given.
 from __future__ import annotations
 
 import hashlib
+import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import urlparse
 
 import open_clip
 import torch
@@ -125,6 +128,9 @@ def load_backbone(model: str = TOY_MODEL, pretrained: str | None = None, device:
         tags = open_clip.list_pretrained_tags_by_model(name)
         if pretrained not in tags:
             raise unknown_name_error(f"pretrained tag for {name}", pretrained, tags)
+        cached = _offline_hub_weights(name, pretrained)
+        if cached:
+            weights, local_file = cached, True
     try:
         clip_model, _, preprocess = open_clip.create_model_and_transforms(
             name, pretrained=None if local_file else weights, device=torch_device
@@ -152,6 +158,39 @@ def load_backbone(model: str = TOY_MODEL, pretrained: str | None = None, device:
         name=name,
         spec=spec,
         pretrained=pretrained,
+    )
+
+
+def _host_reachable(host: str, timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _offline_hub_weights(name: str, tag: str) -> str | None:
+    """Fail fast offline: None if the weights' host answers (open_clip downloads as usual);
+    else the path of a locally cached copy; else a one-line UserError.
+
+    Without this, an offline machine spends about a minute in hub retries before failing.
+    """
+    cfg = open_clip.get_pretrained_cfg(name, tag)
+    repo = (cfg.get("hf_hub") or "").strip("/")
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    host = urlparse(endpoint if repo else cfg.get("url", "")).hostname
+    if not host or _host_reachable(host):
+        return None
+    if repo:
+        from huggingface_hub import try_to_load_from_cache
+
+        for filename in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+            path = try_to_load_from_cache(repo, filename)
+            if isinstance(path, str):
+                return path
+    raise UserError(
+        f"cannot reach {host} to download pretrained weights '{tag}' for {name}, and no cached copy was found; "
+        f"download them elsewhere and pass --pretrained /path/to/weights.safetensors"
     )
 
 
