@@ -1,0 +1,319 @@
+"""Pure metric functions on per-template arrays, with bootstrap intervals over images.
+
+Every headline metric (``acc_mean``, ``sensitivity``, ``acc_pert``, ``AS``, ``LPR``) is the
+mean over images of a per-image quantity. The per-image vectors are exposed
+(`per_image_clean`, `per_image_perturbation`) so that an interval is the bootstrap of one
+vector's mean and two learners evaluated on the same images can be compared pairwise
+(`paired_difference`). Definitions: ``docs/metrics.md``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+# Largest resample matrix (resamples x images) scipy builds per batch: 2.5e6 int64 indices plus as
+# many float64 values; measured peak ~60 MB for any N and number of resamples (N = 50,000 x 1000 too).
+MAX_RESAMPLE_ELEMENTS = 2_500_000
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A metric's value and, when bootstrapping is on, its confidence interval.
+
+    Attributes:
+        value: The point estimate on all images.
+        ci: ``(low, high)`` percentile bootstrap interval, or None when not computed.
+    """
+
+    value: float
+    ci: tuple[float, float] | None = None
+
+    def to_dict(self) -> dict:
+        """JSON-ready form: ``{"value": v, "ci": [lo, hi] or None}``."""
+        ci = None if self.ci is None else [float(self.ci[0]), float(self.ci[1])]
+        return {"value": float(self.value), "ci": ci}
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Paired bootstrap comparison of two learners on the same images.
+
+    Attributes:
+        diff: ``mean(a - b)``.
+        ci: Percentile bootstrap interval of ``mean(a - b)``.
+        significant: True when the interval excludes 0.
+        p_value: Two-sided bootstrap p-value of ``mean(a - b) = 0``.
+    """
+
+    diff: float
+    ci: tuple[float, float]
+    significant: bool
+    p_value: float
+
+
+def _check_labels(pred: np.ndarray, labels: np.ndarray) -> None:
+    """Fail early on shape mismatches that numpy broadcasting would silently accept."""
+    if labels.ndim != 1 or labels.shape[0] == 0:
+        raise ValueError(f"labels must be a non-empty 1-D array, got shape {labels.shape}")
+    if pred.shape[-1] != labels.shape[0] or pred.size == 0:
+        raise ValueError(f"predictions of shape {pred.shape} do not match {labels.shape[0]} labels")
+
+
+def _check_same_shape(name: str, array: np.ndarray, shape: tuple[int, ...]) -> None:
+    if array.shape != shape:
+        raise ValueError(f"{name} has shape {array.shape}, expected {shape}")
+
+
+def _check_n_resamples(n_resamples: int) -> None:
+    if n_resamples < 0:
+        raise ValueError(f"n_resamples must be >= 0, got {n_resamples}")
+
+
+def accuracy(pred: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy in percent of predictions ``[N]`` against labels ``[N]``."""
+    pred, labels = np.asarray(pred), np.asarray(labels)
+    _check_labels(pred, labels)
+    _check_same_shape("pred", pred, labels.shape)
+    return 100.0 * np.count_nonzero(pred == labels) / labels.shape[0]
+
+
+def per_template_accuracy(pred: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Accuracy in percent of each template: ``pred [T, N]`` -> ``[T]`` (or ``[T, R, N]`` -> ``[T, R]``)."""
+    pred, labels = np.asarray(pred), np.asarray(labels)
+    _check_labels(pred, labels)
+    return 100.0 * np.count_nonzero(pred == labels, axis=-1) / labels.shape[0]
+
+
+def per_image_clean(pred: np.ndarray, p_true: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-image quantities whose means over images are the clean headline metrics.
+
+    Args:
+        pred: ``[T, N]`` predicted class per template.
+        p_true: ``[T, N]`` softmax probability of the true class per template.
+        labels: ``[N]`` true classes.
+
+    Returns:
+        ``{"acc_mean": 100 * mean_t correct, "sensitivity": Var_t p_true}``, each float64 ``[N]``.
+    """
+    pred, p_true, labels = np.asarray(pred), np.asarray(p_true), np.asarray(labels)
+    _check_labels(pred, labels)
+    if pred.ndim != 2:
+        raise ValueError(f"pred has shape {pred.shape}, expected [T, N]")
+    _check_same_shape("p_true", p_true, pred.shape)
+    n_templates = pred.shape[0]
+    return {
+        "acc_mean": 100.0 * np.count_nonzero(pred == labels, axis=0) / n_templates,
+        "sensitivity": np.var(p_true, axis=0).astype(np.float64),
+    }
+
+
+def per_image_perturbation(pred: np.ndarray, pred_pert: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-image quantities whose means over images are the perturbation headline metrics.
+
+    Args:
+        pred: ``[T, N]`` clean predictions.
+        pred_pert: ``[T, R, N]`` predictions with draw r of the perturbed template t.
+        labels: ``[N]`` true classes.
+
+    Returns:
+        ``acc_pert`` (100 * mean_{t,r} correct), ``AS`` (clean minus perturbed per-image
+        accuracy, points) and ``LPR`` (100 * mean_{t,r} 1[perturbed pred = clean pred]),
+        each float64 ``[N]``.
+    """
+    pred, pred_pert, labels = np.asarray(pred), np.asarray(pred_pert), np.asarray(labels)
+    _check_labels(pred, labels)
+    if pred.ndim != 2 or pred_pert.ndim != 3 or pred_pert.shape[::2] != pred.shape:
+        raise ValueError(f"pred_pert has shape {pred_pert.shape}, expected [T, R, N] with pred [T, N] = {pred.shape}")
+    n_templates, n_draws, _ = pred_pert.shape
+    n_pert = n_templates * n_draws
+    acc_clean = 100.0 * np.count_nonzero(pred == labels, axis=0) / n_templates
+    acc_pert = 100.0 * np.count_nonzero(pred_pert == labels, axis=(0, 1)) / n_pert
+    lpr = 100.0 * np.count_nonzero(pred_pert == pred[:, None, :], axis=(0, 1)) / n_pert
+    return {"acc_pert": acc_pert, "AS": acc_clean - acc_pert, "LPR": lpr}
+
+
+def _bootstrap_means(
+    per_image: np.ndarray, n_resamples: int, seed: int, confidence: float
+) -> tuple[tuple[float, float], np.ndarray]:
+    """Percentile interval and bootstrap distribution of the mean of `per_image`.
+
+    Constant input (including a single image) has a degenerate distribution; scipy would
+    reject N == 1, so it is answered directly as the constant.
+    """
+    x = np.asarray(per_image, dtype=np.float64)
+    if x.ndim != 1 or x.shape[0] == 0:
+        raise ValueError(f"per-image values must be a non-empty 1-D array, got shape {x.shape}")
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be >= 1 for an interval, got {n_resamples}")
+    if np.all(x == x[0]):
+        v = float(x[0])
+        return (v, v), np.full(n_resamples, v)
+    res = stats.bootstrap(
+        (x,),
+        np.mean,
+        n_resamples=n_resamples,
+        batch=max(1, MAX_RESAMPLE_ELEMENTS // x.shape[0]),
+        vectorized=True,
+        axis=-1,
+        confidence_level=confidence,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    )
+    ci = (float(res.confidence_interval.low), float(res.confidence_interval.high))
+    return ci, res.bootstrap_distribution
+
+
+def bootstrap_mean_ci(
+    per_image: np.ndarray, n_resamples: int = 1000, seed: int = 0, confidence: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of a per-image vector ``[N]``.
+
+    Resampling images (not templates) is what makes the interval say how much the number
+    would move on another draw of test images. Percentile rather than BCa because BCa's
+    jackknife over N images is too slow at N = 50,000; resamples are batched so memory stays
+    bounded. The same seed and N give the same resampled images for every metric.
+
+    Returns:
+        ``(low, high)``; ``(v, v)`` when every value is ``v`` (including N == 1).
+    """
+    return _bootstrap_means(per_image, n_resamples, seed, confidence)[0]
+
+
+def paired_difference(
+    a: np.ndarray, b: np.ndarray, n_resamples: int = 1000, seed: int = 0, confidence: float = 0.95
+) -> PairedDifference:
+    """Paired bootstrap of ``mean(a - b)`` for two learners' per-image vectors on the same images.
+
+    Pairing removes the between-image variation both learners share, so the interval is
+    much narrower than comparing two independent intervals. The p-value is
+    ``2 * min(P*(mean <= 0), P*(mean >= 0))`` over the bootstrap distribution, with the
+    usual +1 correction so it is never 0, capped at 1.
+
+    Raises:
+        ValueError: different shapes, or ``n_resamples < 1`` (a comparison needs resamples).
+    """
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired vectors must have the same shape, got {a.shape} and {b.shape}")
+    d = a - b
+    ci, dist = _bootstrap_means(d, n_resamples, seed, confidence)
+    tail = min(np.count_nonzero(dist <= 0), np.count_nonzero(dist >= 0))
+    p_value = min(1.0, 2.0 * (int(tail) + 1) / (n_resamples + 1))
+    return PairedDifference(diff=float(d.mean()), ci=ci, significant=not ci[0] <= 0.0 <= ci[1], p_value=p_value)
+
+
+def _estimate(per_image: np.ndarray, n_resamples: int, seed: int, confidence: float) -> Estimate:
+    """Mean of a per-image vector, with an interval unless bootstrapping is off."""
+    ci = bootstrap_mean_ci(per_image, n_resamples, seed, confidence) if n_resamples > 0 else None
+    return Estimate(float(np.mean(per_image)), ci)
+
+
+def clean_metrics(
+    pred: np.ndarray,
+    p_true: np.ndarray,
+    cos_true: np.ndarray,
+    labels: np.ndarray,
+    pred_ens: np.ndarray | None = None,
+    *,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> dict[str, Estimate]:
+    """Metrics of the unperturbed templates.
+
+    Args:
+        pred: ``[T, N]`` predicted class per template.
+        p_true: ``[T, N]`` softmax probability of the true class.
+        cos_true: ``[T, N]`` cosine of image and true-class text feature.
+        labels: ``[N]`` true classes.
+        pred_ens: ``[N]`` predictions of the template-ensemble classifier, if computed.
+        n_resamples: Bootstrap resamples; 0 turns intervals off.
+        seed: Bootstrap seed.
+        confidence: Interval confidence level.
+
+    Returns:
+        ``acc_mean``, ``acc_std``, ``acc_min``, ``acc_max``, ``acc_spread``, ``sensitivity``,
+        ``sensitivity_cos``, ``flip_rate`` and, with `pred_ens`, ``ensemble_acc``. Only
+        ``acc_mean`` and ``sensitivity`` carry intervals: they are the headline numbers and
+        means over images; min/max/std/spread are over templates.
+    """
+    _check_n_resamples(n_resamples)
+    pred, cos_true = np.asarray(pred), np.asarray(cos_true)
+    per_image = per_image_clean(pred, p_true, labels)
+    _check_same_shape("cos_true", cos_true, pred.shape)
+    acc = per_template_accuracy(pred, labels)
+    out = {
+        "acc_mean": _estimate(per_image["acc_mean"], n_resamples, seed, confidence),
+        "acc_std": Estimate(float(np.std(acc))),
+        "acc_min": Estimate(float(acc.min())),
+        "acc_max": Estimate(float(acc.max())),
+        "acc_spread": Estimate(float(acc.max() - acc.min())),
+        "sensitivity": _estimate(per_image["sensitivity"], n_resamples, seed, confidence),
+        "sensitivity_cos": Estimate(float(np.mean(np.var(cos_true, axis=0)))),
+        "flip_rate": Estimate(float(np.mean(np.any(pred != pred[0], axis=0)))),
+    }
+    if pred_ens is not None:
+        out["ensemble_acc"] = Estimate(accuracy(pred_ens, labels))
+    return out
+
+
+def perturbation_metrics(
+    pred: np.ndarray,
+    pred_pert: np.ndarray,
+    labels: np.ndarray,
+    text_cos: np.ndarray,
+    unchanged: np.ndarray,
+    *,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> dict[str, Estimate]:
+    """Metrics of one perturbation (op x level, R draws) against the clean templates.
+
+    Args:
+        pred: ``[T, N]`` clean predictions.
+        pred_pert: ``[T, R, N]`` predictions with the perturbed templates.
+        labels: ``[N]`` true classes.
+        text_cos: ``[T, R, C]`` cosine of clean and perturbed class text features.
+        unchanged: ``[T, R, C]`` True where the op could not change the filled prompt.
+        n_resamples: Bootstrap resamples; 0 turns intervals off.
+        seed: Bootstrap seed.
+        confidence: Interval confidence level.
+
+    Returns:
+        ``acc_pert``, ``AS``, ``LPR`` (with intervals over images), ``TS`` (no interval: it is
+        a mean over classes, not images), ``PDR`` and ``unchanged_frac``. PDR is 0.0 when
+        every clean template has accuracy 0, since there is nothing left to drop.
+    """
+    _check_n_resamples(n_resamples)
+    pred_pert, text_cos, unchanged = np.asarray(pred_pert), np.asarray(text_cos), np.asarray(unchanged)
+    per_image = per_image_perturbation(pred, pred_pert, labels)
+    if text_cos.ndim != 3 or text_cos.shape[:2] != pred_pert.shape[:2]:
+        raise ValueError(f"text_cos has shape {text_cos.shape}, expected [T, R, C] with [T, R] = {pred_pert.shape[:2]}")
+    _check_same_shape("unchanged", unchanged, text_cos.shape)
+    n_draws = pred_pert.shape[1]
+    clean_sum = float(per_template_accuracy(pred, labels).sum())
+    pert_sum = float(per_template_accuracy(pred_pert, labels).sum())
+    return {
+        "acc_pert": _estimate(per_image["acc_pert"], n_resamples, seed, confidence),
+        "AS": _estimate(per_image["AS"], n_resamples, seed, confidence),
+        "LPR": _estimate(per_image["LPR"], n_resamples, seed, confidence),
+        "TS": Estimate(1.0 - float(np.mean(text_cos, dtype=np.float64))),
+        "PDR": Estimate(1.0 - pert_sum / (n_draws * clean_sum) if clean_sum > 0 else 0.0),
+        "unchanged_frac": Estimate(float(np.mean(unchanged, dtype=np.float64))),
+    }
+
+
+def harmonic_mean(base: float, new: float) -> float:
+    """Base-to-new H = 2BN / (B + N): high only when both base and new accuracy are high.
+
+    Returns 0.0 when both are 0 (the formula's limit), rather than dividing by zero.
+    """
+    if base < 0 or new < 0:
+        raise ValueError(f"accuracies must be non-negative, got base={base}, new={new}")
+    if base + new == 0:
+        return 0.0
+    return 2.0 * base * new / (base + new)
