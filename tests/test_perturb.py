@@ -1,0 +1,331 @@
+"""Tests of the text perturbations: class protection, determinism, edit counts, lexicons, parsing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from promptbench_vlm.errors import UserError
+from promptbench_vlm.perturb import (
+    DEFAULT_OPS,
+    LEVELS,
+    OPS,
+    Lexicon,
+    PerturbSpec,
+    fill_template,
+    load_lexicon,
+    parse_perturbations,
+    perturb,
+    split_prompt,
+    synonym_candidates,
+)
+from promptbench_vlm.templates import load_templates
+
+TEMPLATES = load_templates("promptsrc60").templates
+CLASSNAMES = ["dog", "golden retriever", "black and white cat", "photo booth", "St. Bernard"]
+SEEDS = range(12)
+
+
+def k_for(rate: float, n: int) -> int:
+    return max(1, round(rate * n)) if n else 0
+
+
+def non_class_count(text: str, span: tuple[int, int]) -> int:
+    parts = split_prompt(text, span)
+    return len(parts.units) - 1
+
+
+@pytest.fixture(scope="module")
+def lexicon():
+    return load_lexicon()
+
+
+# --- class protection -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("op", ["synonym", "mask", "drop", "context"])
+@pytest.mark.parametrize("rate", [0.1, 0.5, 1.0])
+def test_class_name_never_altered(op, rate):
+    for template in TEMPLATES:
+        for name in CLASSNAMES:
+            text, span = fill_template(template, name)
+            for seed in range(3):
+                out = perturb(text, span, op, rate, seed)
+                assert name in out.text, (template, name, out)
+
+
+def test_class_with_lexicon_words_is_protected():
+    name = "black and white cat"
+    text, span = fill_template("a black and white photo of the {}.", name)
+    out = perturb(text, span, "synonym", 1.0, 0)
+    assert out.n_edits == 2  # "black and white" and "photo", not the class's words
+    assert out.text.endswith(" black and white cat.")
+    assert not out.text.startswith("a black and white ")
+
+
+def test_class_name_alone_with_lexicon_words_has_no_candidate():
+    text, span = fill_template("{}.", "black and white photo")
+    for op in ("synonym", "mask", "drop", "shuffle"):
+        assert perturb(text, span, op, 1.0, 0) == (text, 0)
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.5, 1.0])
+def test_shuffle_keeps_class_unit_intact(rate):
+    for template in TEMPLATES:
+        text, span = fill_template(template, "golden retriever")
+        for seed in SEEDS:
+            out = perturb(text, span, "shuffle", rate, seed)
+            assert "golden retriever" in out.text
+            assert sorted(out.text[:-1].split()) == sorted(text[:-1].split())
+
+
+def test_shuffle_can_move_the_class_unit():
+    text, span = fill_template("a photo of a {}.", "golden retriever")
+    moved = {perturb(text, span, "shuffle", 0.5, seed).text.endswith("golden retriever.") for seed in range(30)}
+    assert moved == {True, False}
+
+
+def test_mask_and_drop_edit_whole_units_outside_the_class():
+    text, span = fill_template("a photo of a {}.", "golden retriever")
+    assert perturb(text, span, "mask", 1.0, 0).text == "[MASK] [MASK] [MASK] [MASK] golden retriever."
+    assert perturb(text, span, "drop", 1.0, 0).text == "golden retriever."
+
+
+# --- trailing punctuation ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_trailing_period_stays_at_the_end(op):
+    for template in TEMPLATES:
+        text, span = fill_template(template, "dog")
+        for seed in range(4):
+            out = perturb(text, span, op, 0.5, seed).text
+            assert out.endswith(".") and out.count(".") == 1, (template, out)
+
+
+def test_split_prompt_separates_final_punctuation():
+    text, span = fill_template("a {} in a video game.", "dog")
+    assert split_prompt(text, span) == (["a", "dog", "in", "a", "video", "game"], 1, ".")
+    text, span = fill_template("a photo of a {}.", "St. Bernard")
+    assert split_prompt(text, span) == (["a", "photo", "of", "a", "St. Bernard"], 4, ".")
+
+
+# --- determinism -------------------------------------------------------------------------
+
+CASES = [(t, "golden retriever", op, rate, seed) for t in TEMPLATES[:10] for op in OPS for rate in (0.1, 0.5)
+         for seed in (0, 7)]
+
+
+def run_cases() -> list[str]:
+    out = []
+    for template, name, op, rate, seed in CASES:
+        text, span = fill_template(template, name)
+        out.append(perturb(text, span, op, rate, seed).text)
+    return out
+
+
+def test_same_arguments_same_output_in_any_order():
+    first = run_cases()
+    text, span = fill_template("a photo of a {}.", "cat")
+    perturb(text, span, "shuffle", 0.5, 3)  # an unrelated call in between changes nothing
+    assert list(reversed(run_cases()[::-1])) == first
+
+
+def test_same_output_in_another_process_with_another_hash_seed():
+    code = (
+        "import json, sys\n"
+        "from promptbench_vlm.perturb import fill_template, perturb\n"
+        "out = [perturb(*fill_template(t, n), op, r, s).text for t, n, op, r, s in json.load(sys.stdin)]\n"
+        "print(json.dumps(out))"
+    )
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    done = subprocess.run([sys.executable, "-c", code], input=json.dumps(CASES), env=env, capture_output=True,
+                          text=True, check=True)
+    assert json.loads(done.stdout) == run_cases()
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_different_seeds_give_different_outputs(op):
+    text, span = fill_template("a bad photo of a large {} in a video game.", "dog")
+    assert len({perturb(text, span, op, 0.5, seed).text for seed in range(20)}) > 1
+
+
+# --- number of edits ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.1, 0.3, 0.5, 0.8, 1.0])
+def test_mask_and_drop_counts_follow_the_formula(rate):
+    for template in TEMPLATES:
+        text, span = fill_template(template, "golden retriever")
+        k = k_for(rate, non_class_count(text, span))
+        masked = perturb(text, span, "mask", rate, 1)
+        assert masked.n_edits == k == masked.text.count("[MASK]")
+        dropped = perturb(text, span, "drop", rate, 1)
+        assert dropped.n_edits == k == len(text.split()) - len(dropped.text.split())
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.5, 1.0])
+def test_synonym_count_follows_the_formula(rate, lexicon):
+    marked = Lexicon({word: ("SYN",) for word in lexicon.synonyms}, lexicon.stopwords, lexicon.noise_phrases)
+    for template in TEMPLATES:
+        text, span = fill_template(template, "dog")
+        parts = split_prompt(text, span)
+        n_candidates = len(synonym_candidates(parts.units, parts.cls, marked))
+        out = perturb(text, span, "synonym", rate, 2, marked)
+        assert out.n_edits == k_for(rate, n_candidates) == out.text.count("SYN"), (template, out)
+
+
+def test_shuffle_count_follows_the_formula():
+    text, span = fill_template("a bad photo of a large {} in a video game.", "dog")
+    for rate in (0.1, 0.5, 1.0):
+        assert perturb(text, span, "shuffle", rate, 0).n_edits == k_for(rate, 11)
+
+
+def test_weak_and_strong_levels():
+    assert LEVELS == {"weak": 0.1, "strong": 0.5}
+    text, span = fill_template("a jpeg corrupted photo of a {}.", "dog")  # 6 non-class units
+    assert perturb(text, span, "mask", LEVELS["weak"], 0).n_edits == 1
+    assert perturb(text, span, "mask", LEVELS["strong"], 0).n_edits == 3
+    weak = perturb(text, span, "synonym", LEVELS["weak"], 0)  # 3 candidates: jpeg, corrupted, photo
+    strong = perturb(text, span, "synonym", LEVELS["strong"], 0)
+    assert (weak.n_edits, strong.n_edits) == (1, 2)
+
+
+def test_no_candidate_leaves_the_text_unchanged():
+    text, span = fill_template("{}.", "dog")
+    for op in ("synonym", "mask", "shuffle", "drop"):
+        assert perturb(text, span, op, 0.5, 0) == (text, 0)
+    text, span = fill_template("the {} of a", "dog")  # only stop words around the class
+    assert perturb(text, span, "synonym", 1.0, 0) == (text, 0)
+
+
+def test_context_adds_one_phrase(lexicon):
+    text, span = fill_template("a photo of a {}.", "dog")
+    for seed in SEEDS:
+        out = perturb(text, span, "context", 0.1, seed)
+        assert out.n_edits == 1
+        assert any(out.text.replace(f" {p}", "", 1) == text for p in lexicon.noise_phrases)
+
+
+# --- lexicons ------------------------------------------------------------------------------
+
+
+def test_shipped_lexicon_covers_every_content_word_of_the_60_templates(lexicon):
+    uncovered = set()
+    for template in TEMPLATES:
+        text, span = fill_template(template, "dog")
+        parts = split_prompt(text, span)
+        covered = {i for a, b in synonym_candidates(parts.units, parts.cls, lexicon) for i in range(a, b)}
+        uncovered |= {u for i, u in enumerate(parts.units)
+                      if i != parts.cls and i not in covered and u.lower() not in lexicon.stopwords}
+    assert not uncovered
+    assert {"low resolution", "black and white", "hard to see", "video game", "itap"} <= set(lexicon.synonyms)
+
+
+def test_shipped_lexicon_entries_have_two_synonyms(lexicon):
+    short = {word: syns for word, syns in lexicon.synonyms.items() if len(syns) < 2}
+    assert not short
+    assert len(lexicon.noise_phrases) >= 15
+    assert {"a", "an", "the", "of", "in"} <= lexicon.stopwords
+    assert not set(lexicon.synonyms) & lexicon.stopwords
+
+
+def test_multi_word_entries_match_as_one_candidate(lexicon):
+    text, span = fill_template("a low resolution photo of the hard to see {}.", "dog")
+    parts = split_prompt(text, span)
+    found = [" ".join(parts.units[a:b]) for a, b in synonym_candidates(parts.units, parts.cls, lexicon)]
+    assert found == ["low resolution", "photo", "hard to see"]
+
+
+def test_user_lexicon_file(tmp_path):
+    path = tmp_path / "lex.json"
+    path.write_text(json.dumps({"Photo": ["snap", "photo"], "big dog": ["large hound"]}))
+    lex = load_lexicon(path, mask_token="<unk>")
+    assert lex.synonyms == {"photo": ("snap",), "big dog": ("large hound",)}
+    text, span = fill_template("A photo of a {}.", "dog")
+    assert perturb(text, span, "synonym", 0.1, 0, lex) == ("A snap of a dog.", 1)
+    text, span = fill_template("Photo of a {}.", "dog")
+    assert perturb(text, span, "synonym", 0.1, 0, lex).text == "Snap of a dog."
+    assert perturb(text, span, "mask", 1.0, 0, lex).text == "<unk> <unk> <unk> dog."
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        ("{not json", "invalid JSON"),
+        ("[1, 2]", "expected a non-empty JSON object"),
+        ('{"photo": "picture"}', "must be a list of strings"),
+        ('{"photo": ["photo"]}', "no synonym different"),
+    ],
+)
+def test_broken_user_lexicon_is_a_clear_error(tmp_path, content, problem):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(UserError, match=problem) as info:
+        load_lexicon(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_missing_user_lexicon_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="file not found"):
+        load_lexicon(tmp_path / "nope.json")
+    with pytest.raises(UserError, match="mask token"):
+        load_lexicon(mask_token=" ")
+
+
+def test_shipped_lexicon_is_cached():
+    assert load_lexicon() is load_lexicon()
+
+
+# --- parsing -------------------------------------------------------------------------------
+
+
+def test_parse_perturbations_good_inputs():
+    assert parse_perturbations("") == [] == parse_perturbations("none")
+    specs = parse_perturbations("synonym:0.3, drop:weak,mask,context:strong")
+    assert specs == [PerturbSpec("synonym", 0.3), PerturbSpec("drop", 0.1, "weak"), PerturbSpec("mask", 0.1, "weak"),
+                     PerturbSpec("context", 0.5, "strong")]
+    assert [s.label for s in specs] == ["synonym:0.3", "drop:weak", "mask:weak", "context:strong"]
+    default = parse_perturbations("default")
+    assert [s.label for s in default] == [f"{op}:{lvl}" for op in DEFAULT_OPS for lvl in ("weak", "strong")]
+    assert parse_perturbations("default,synonym:weak") == default
+    assert parse_perturbations("drop:1,drop:0")[0].label == "drop:1"
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("synonm:weak", "Did you mean 'synonym'"),
+        ("synonym:1.5", "synonym:1.5"),
+        ("drop:-0.1", "outside"),
+        ("mask:lots", "mask:lots"),
+        ("mask:nan", "outside"),
+        ("mask:", "neither a level"),
+    ],
+)
+def test_parse_perturbations_bad_inputs(text, message):
+    with pytest.raises(UserError, match=message):
+        parse_perturbations(text)
+
+
+def test_perturb_rejects_bad_op_and_rate():
+    text, span = fill_template("a photo of a {}.", "dog")
+    with pytest.raises(UserError, match="Valid"):
+        perturb(text, span, "swap", 0.1, 0)
+    with pytest.raises(UserError, match=r"\[0, 1\]"):
+        perturb(text, span, "mask", 1.5, 0)
+    with pytest.raises(UserError):
+        PerturbSpec("mask", 0.2, "weak")
+
+
+def test_fill_template():
+    assert fill_template("a photo of a {}.", "golden retriever") == ("a photo of a golden retriever.", (13, 29))
+    for bad in ("no slot", "{} and {}"):
+        with pytest.raises(UserError):
+            fill_template(bad, "dog")
+    with pytest.raises(UserError):
+        fill_template("a {}", " ")
