@@ -6,7 +6,9 @@ weights load from the shipped safetensors file when no `pretrained` is given.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
 import socket
 from dataclasses import dataclass, field
@@ -132,9 +134,13 @@ def load_backbone(model: str = TOY_MODEL, pretrained: str | None = None, device:
         if cached:
             weights, local_file = cached, True
     try:
-        clip_model, _, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=None if local_file else weights, device=torch_device
-        )
+        # A fixed seed makes a randomly initialised model (no pretrained) the same in every run;
+        # open_clip logs its own "initialized randomly" warning to root: the CLI says it once.
+        with _quiet_root_logger(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            clip_model, _, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=None if local_file else weights, device=torch_device
+            )
     except Exception as err:  # hub downloads fail in many ways; all mean the same to a user
         if pretrained and not local_file:
             reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
@@ -159,6 +165,17 @@ def load_backbone(model: str = TOY_MODEL, pretrained: str | None = None, device:
         spec=spec,
         pretrained=pretrained,
     )
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def _host_reachable(host: str, timeout: float = 3.0) -> bool:

@@ -109,7 +109,7 @@ def evaluate(
     from .backbone import load_backbone
     from .data import SUBSETS, DatasetOptions, load_dataset
     from .evaluate import EvalSettings, Evaluator
-    from .learners import build_learner, is_checkpoint, load_learner_checkpoint
+    from .learners import LEARNERS, build_learner, is_checkpoint, load_learner_checkpoint
     from .perturb import load_lexicon, parse_perturbations
     from .report import render
     from .results import build_result, write_csv, write_json
@@ -125,7 +125,11 @@ def evaluate(
     options = DatasetOptions(split=split, image_column=image_column, label_column=label_column,
                              trust_remote_code=trust_remote_code)
     datasets = [load_dataset(dataset, options, s) for s in subsets]
+    if not is_checkpoint(learner):
+        LEARNERS.get(learner)  # an unknown name fails here, before any model loads
     backbone = load_backbone(model, pretrained, device)
+    if backbone.pretrained is None and backbone.name != "toy-clip":
+        console.print(f"[yellow]warning:[/] no --pretrained given: {backbone.name} is randomly initialised")
     if is_checkpoint(learner):
         prompt_learner = load_learner_checkpoint(learner, backbone)
     else:
@@ -180,7 +184,7 @@ def evaluate(
     run["wall_time_s"] = time.perf_counter() - started
     doc = build_result(run, finished)
     write_json(doc, path)
-    render(doc, Console())
+    render(doc)
     if csv:
         write_csv(doc, csv)
     skipped = sum(len(r.skipped) for r in finished)
@@ -199,7 +203,7 @@ def report(
     from .results import read_result, write_csv
 
     doc = read_result(file)
-    render(doc, Console())
+    render(doc)
     if csv:
         write_csv(doc, csv)
         console.print(f"wrote {csv}")
@@ -235,12 +239,10 @@ def list_(what: Annotated[Listable, typer.Argument(help="What to list.")]) -> No
 def main() -> None:
     """Console-script entry: run the app, turning user errors into one line and exit code 2."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # returns the code of a typer.Exit raised by a command
     except UserError as err:
-        console.print(f"[red]error:[/] {err}", highlight=False)
+        console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except typer.Exit as exit_:
-        sys.exit(exit_.exit_code)
     except (typer.Abort, KeyboardInterrupt):
         sys.exit(130)
     except Exception as err:  # click usage errors arrive here in standalone_mode=False
@@ -250,3 +252,4 @@ def main() -> None:
             err.show()
             sys.exit(2)
         raise
+    sys.exit(code if isinstance(code, int) else 0)
