@@ -31,6 +31,7 @@ DEFAULT_OUTPUT = "results/{learner}__{dataset}__{split}__{time}.json"
 
 class Listable(str, Enum):
     learners = "learners"
+    methods = "methods"
     templates = "templates"
     perturbations = "perturbations"
     datasets = "datasets"
@@ -65,6 +66,15 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def environment_info() -> dict[str, Any]:
+    """Versions and the command line, for the result file."""
+    import open_clip
+    import torch
+
+    return {"package_version": __version__, "torch_version": torch.__version__,
+            "open_clip_version": open_clip.__version__, "python": platform.python_version(), "command": sys.argv}
 
 
 class _Bars:
@@ -112,7 +122,7 @@ def evaluate(
     from .learners import LEARNERS, build_learner, is_checkpoint, load_learner_checkpoint
     from .perturb import load_lexicon, parse_perturbations
     from .report import render
-    from .results import build_result, write_csv, write_json
+    from .results import backbone_fields, build_result, write_csv, write_json
     from .templates import load_templates
 
     subsets = ["base", "new"] if subset == "base-new" else [subset]
@@ -136,18 +146,9 @@ def evaluate(
         prompt_learner = build_learner(learner, backbone, parse_options(learner_opt))
     settings = EvalSettings(templates=template_set.templates, perturbations=tuple(specs), draws=draws, seed=seed,
                             bootstrap=bootstrap, batch_size=batch_size, num_workers=num_workers, lexicon=lex)
-    import open_clip
-    import torch
-
     run = {
-        "package_version": __version__,
-        "torch_version": torch.__version__,
-        "open_clip_version": open_clip.__version__,
-        "python": platform.python_version(),
-        "command": sys.argv,
-        "model": backbone.spec,
-        "pretrained": backbone.pretrained,
-        "backbone_sha256": backbone.weights_hash(),
+        **environment_info(),
+        **backbone_fields(backbone),
         "learner": prompt_learner.name,
         "learner_options": prompt_learner.options,
         "checkpoint": learner if is_checkpoint(learner) else None,
@@ -194,6 +195,62 @@ def evaluate(
 
 
 @app.command()
+def train(
+    method: Annotated[str, typer.Option(help="Training method (promptbench list methods).")] = "erm",
+    learner: Annotated[str, typer.Option(help="Learner to train (promptbench list learners).")] = "coop",
+    model: Annotated[str, typer.Option(help="open_clip architecture name, model-config JSON path, or toy-clip.")] = "toy-clip",
+    pretrained: Annotated[Optional[str], typer.Option(help="Pretrained tag or local weights file.")] = None,
+    dataset: Annotated[str, typer.Option(help="Dataset spec; its train split is trained on, its test split evaluated.")] = "toy-shapes",
+    shots: Annotated[int, typer.Option(help="Images per class (few-shot, drawn with the seed); 0 = all.")] = 16,
+    subset: Annotated[str, typer.Option(help="Classes to train on: base (then evaluate base and new), new or all.")] = "base",
+    epochs: Annotated[int, typer.Option(min=1)] = 5,
+    batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate; default: the method's for the learner.")] = None,
+    warmup_epochs: Annotated[int, typer.Option(min=0, help="Epochs at a constant 1e-5 before the cosine schedule.")] = 1,
+    accumulate: Annotated[int, typer.Option(min=1, help="Batches per optimiser step.")] = 1,
+    seed: Annotated[int, typer.Option(help="Seed of the few-shot draw, data order and initialisation.")] = 1,
+    init: Annotated[Optional[Path], typer.Option(help="Start from this learner checkpoint (e.g. a meta-prompt).")] = None,
+    learner_opt: Annotated[list[str], typer.Option("--learner-opt", help="Learner option KEY=VALUE (repeatable).")] = [],
+    method_opt: Annotated[list[str], typer.Option("--method-opt", help="Method option KEY=VALUE (repeatable).")] = [],
+    eval_templates: Annotated[str, typer.Option(help="Template set of the final evaluation.")] = "promptsrc60",
+    eval_perturb: Annotated[str, typer.Option(help="Perturbations of the final evaluation.")] = "default",
+    bootstrap: Annotated[int, typer.Option(min=0)] = 1000,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    amp: Annotated[bool, typer.Option(help="Mixed precision on CUDA (never on CPU).")] = True,
+    num_workers: Annotated[int, typer.Option(min=0)] = 0,
+    output: Annotated[str, typer.Option(help="Run folder; fields {method} {learner} {dataset} {seed} {shots}.")] = "runs/{method}__{learner}__{dataset}__seed{seed}",
+    overwrite: Annotated[bool, typer.Option(help="Replace a finished run in the output folder.")] = False,
+) -> None:
+    """Train a learner with a method on a few-shot split, then evaluate it on base and new classes."""
+    from .learners import LEARNERS
+    from .report import render
+    from .train.loop import TrainConfig
+    from .train.method import METHODS
+    from .train.run import TrainRequest, run_training
+
+    METHODS.get(method)  # unknown names fail before anything loads
+    if init is None:
+        LEARNERS.get(learner)
+    folder = output_path(output, method=method, learner=learner, dataset=dataset, seed=str(seed), shots=str(shots))
+    request = TrainRequest(
+        method=method, learner=learner if init is None else "", model=model, pretrained=pretrained, dataset=dataset,
+        shots=shots, subset=subset, output=str(folder), init=str(init) if init else None,
+        learner_options=parse_options(learner_opt), method_options=parse_options(method_opt),
+        config=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, warmup_epochs=warmup_epochs,
+                           accumulate=accumulate, seed=seed, amp=amp, num_workers=num_workers),
+        eval_templates=eval_templates, eval_perturb=eval_perturb, bootstrap=bootstrap, device=device,
+        overwrite=overwrite,
+    )
+    with Progress(TextColumn("{task.description:>13}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:
+        doc = run_training(request, environment_info(), progress=_Bars(progress))
+    render(doc)
+    training = doc["run"]["training"]
+    console.print(f"trained {training['steps']} steps: loss {training['first_loss']:.4f} -> {training['last_loss']:.4f}; "
+                  f"wrote {folder}/")
+
+
+@app.command()
 def report(
     file: Annotated[Path, typer.Argument(help="A result JSON written by `promptbench evaluate`.")],
     csv: Annotated[Optional[Path], typer.Option(help="Export the result as CSV here.")] = None,
@@ -211,13 +268,18 @@ def report(
 
 @app.command("list")
 def list_(what: Annotated[Listable, typer.Argument(help="What to list.")]) -> None:
-    """List learners (built-in and plug-in), template sets, perturbation ops or dataset sources."""
+    """List learners and methods (built-in and plug-in), template sets, perturbation ops or dataset sources."""
     out = Console()
     if what is Listable.learners:
         from .learners import LEARNERS
 
         for name in LEARNERS.names():
             out.print(f"{name:<16} {LEARNERS.origin(name)}")
+    elif what is Listable.methods:
+        from .train.method import METHODS
+
+        for name in METHODS.names():
+            out.print(f"{name:<16} {METHODS.origin(name)}")
     elif what is Listable.templates:
         from .templates import list_template_sets, load_templates
 

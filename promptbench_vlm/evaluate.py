@@ -132,7 +132,7 @@ def build_prompt_table(
     return PromptTable(list(index), clean, perturbed, unchanged)
 
 
-class _ImageItems(Dataset):
+class ImageItems(Dataset):
     """Adapts an ImageDataset to a torch Dataset; a corrupt image becomes None (skipped later)."""
 
     def __init__(self, dataset: ImageDataset, preprocess: Callable):
@@ -149,7 +149,8 @@ class _ImageItems(Dataset):
             return None, i, str(err)
 
 
-def _collate(batch):
+def collate_skipping(batch):
+    """Stack the readable images of a batch; return the corrupt ones separately."""
     good = [(x, i) for x, i, _ in batch if x is not None]
     bad = [(i, err) for x, i, err in batch if x is None]
     images = torch.stack([x for x, _ in good]) if good else None
@@ -171,10 +172,10 @@ def encode_images(
         kept, and the skipped images as ``{"item", "error"}`` records.
     """
     loader = DataLoader(
-        _ImageItems(dataset, learner.backbone.preprocess),
+        ImageItems(dataset, learner.backbone.preprocess),
         batch_size=batch_size,
         num_workers=num_workers,
-        collate_fn=_collate,
+        collate_fn=collate_skipping,
         pin_memory=learner.device.type == "cuda",
     )
     feats, kept, skipped = [], [], []

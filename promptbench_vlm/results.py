@@ -21,6 +21,11 @@ SCHEMA = "promptbench_vlm/result"
 SCHEMA_VERSION = 1
 
 
+def backbone_fields(backbone) -> dict[str, Any]:
+    """The backbone's identity as result-file fields: enough to rebuild and verify it."""
+    return {"model": backbone.spec, "pretrained": backbone.pretrained, "backbone_sha256": backbone.weights_hash()}
+
+
 def subset_to_dict(result: SubsetResult) -> dict[str, Any]:
     """The JSON form of one subset's results."""
     return {

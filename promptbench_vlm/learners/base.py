@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from ..backbone import Backbone
 
 CHECKPOINT_FORMAT = "promptbench_vlm.learner/1"
+METADATA_KEY = "promptbench_vlm"
 
 
 class PromptLearner(nn.Module):
@@ -92,13 +93,16 @@ class PromptLearner(nn.Module):
         meta = {
             "format": CHECKPOINT_FORMAT,
             "learner": self.name,
-            "options": json.dumps(self.options, sort_keys=True),
-            "backbone": json.dumps(self.backbone.identity(), sort_keys=True),
+            "options": self.options,
+            "backbone": self.backbone.identity(),
             "package_version": __version__,
-            "extra": json.dumps(extra or {}, sort_keys=True),
+            "extra": extra or {},
         }
+        # One sorted JSON string under one key: safetensors keeps metadata in an unordered map,
+        # so several keys would make two saves of the same tensors differ byte for byte.
+        metadata = {METADATA_KEY: json.dumps(meta, sort_keys=True)}
         tmp = path.with_suffix(path.suffix + ".tmp")
-        save_file(self.learned_state(), str(tmp), metadata=meta)
+        save_file(self.learned_state(), str(tmp), metadata=metadata)
         tmp.replace(path)
         return path
 
@@ -134,13 +138,10 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
         raise UserError(f"cannot read checkpoint {path}: not a valid safetensors file ({err})") from None
-    if raw.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path} is not a promptbench_vlm learner checkpoint (format {raw.get('format')!r})")
-    meta: dict[str, Any] = {
-        "learner": raw["learner"],
-        "options": json.loads(raw.get("options", "{}")),
-        "backbone": json.loads(raw.get("backbone", "{}")),
-        "package_version": raw.get("package_version"),
-        "extra": json.loads(raw.get("extra", "{}")),
-    }
+    try:
+        meta = json.loads(raw[METADATA_KEY])
+    except (KeyError, ValueError):
+        meta = {}
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path} is not a promptbench_vlm learner checkpoint (no '{METADATA_KEY}' metadata)")
     return tensors, meta

@@ -1,0 +1,98 @@
+"""PromptSRC: ERM on IVLP plus self-regulation towards the frozen model and Gaussian aggregation.
+
+Follows the PromptSRC reference code: L1 between prompted and frozen text features (the frozen
+target is, per class, the mean over the 60 templates of the frozen text features), L1 between
+prompted and frozen image features, KL(zero-shot || prompted) on logits, and Gaussian prompt
+aggregation (GPA) of the per-epoch prompt weights (mean 15, std 1 over 20 epochs, scaled to the
+epoch count).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..learners.base import PromptLearner
+from ..perturb import fill_template
+from ..templates import load_templates
+from .erm import ERM
+
+
+def gaussian_epoch_weights(epochs: int, mean: float, std: float) -> list[float]:
+    """GPA weight of each epoch (1-based): a Gaussian density, normalised to sum 1."""
+    raw = [math.exp(-((e - mean) ** 2) / (2 * std**2)) for e in range(1, epochs + 1)]
+    total = sum(raw)
+    return [w / total for w in raw]
+
+
+class PromptSRC(ERM):
+    """PromptSRC's losses on an IVLP learner.
+
+    Options:
+        text_weight: Weight of the text L1 self-regulation (25).
+        image_weight: Weight of the image L1 self-regulation (10).
+        kl_weight: Weight of KL(zero-shot || prompted) (1).
+        gpa: Gaussian prompt aggregation on/off.
+        gpa_mean, gpa_std: In epochs; default 15/20 and 1/20 of the epoch count.
+        frozen_templates: Template set averaged into the frozen text target.
+    """
+
+    name = "promptsrc"
+    learners = ("ivlp",)
+
+    def __init__(self, learner: PromptLearner, classnames: list[str], template: str = "{}.",
+                 text_weight: float = 25.0, image_weight: float = 10.0, kl_weight: float = 1.0, gpa: bool = True,
+                 gpa_mean: float | None = None, gpa_std: float | None = None, frozen_templates: str = "promptsrc60",
+                 **options: Any):
+        super().__init__(learner, classnames, template=template, text_weight=text_weight, image_weight=image_weight,
+                         kl_weight=kl_weight, gpa=gpa, gpa_mean=gpa_mean, gpa_std=gpa_std,
+                         frozen_templates=frozen_templates, **options)
+        self.weights = {"text": text_weight, "image": image_weight, "kl": kl_weight}
+        self.gpa = gpa
+        self.gpa_mean, self.gpa_std = gpa_mean, gpa_std
+        self.register_buffer("frozen_text", self._frozen_text_target(load_templates(frozen_templates).templates),
+                             persistent=False)
+        self._aggregate: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def _frozen_text_target(self, templates: tuple[str, ...]) -> torch.Tensor:
+        """Per class, the normalised mean over templates of the frozen backbone's text features."""
+        clip, tokenizer = self.learner.clip, self.learner.backbone.tokenizer
+        feats = []
+        for classname in self.classnames:
+            ids = tokenizer([fill_template(t, classname)[0] for t in templates]).to(self.learner.device)
+            feats.append(F.normalize(clip.encode_text(ids), dim=-1).mean(0))
+        return F.normalize(torch.stack(feats), dim=-1)
+
+    def loss(self, images, labels, image_features=None):
+        image_feats = self.learner.encode_images(images)
+        logits, text = self.logits(image_feats)
+        with torch.no_grad():
+            frozen_image = F.normalize(self.learner.clip.encode_image(images), dim=-1)
+            zero_shot = self.learner.logit_scale * frozen_image @ self.frozen_text.T
+        ce = F.cross_entropy(logits, labels)
+        l_text = F.l1_loss(text, self.frozen_text) * self.weights["text"]
+        l_image = F.l1_loss(image_feats, frozen_image) * self.weights["image"]
+        l_kl = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(zero_shot, 1), reduction="sum", log_target=True)
+        l_kl = l_kl / logits.numel() * self.weights["kl"]
+        loss = ce + l_text + l_image + l_kl
+        return loss, {"ce": ce.item(), "l1_text": l_text.item(), "l1_image": l_image.item(), "kl": l_kl.item(),
+                      "acc": (logits.argmax(1) == labels).float().mean().item() * 100}
+
+    def on_epoch_end(self, epoch: int, epochs: int) -> None:
+        """Add this epoch's prompt weights to the Gaussian-weighted aggregate."""
+        if not self.gpa:
+            return
+        mean = self.gpa_mean if self.gpa_mean is not None else 0.75 * epochs
+        std = self.gpa_std if self.gpa_std is not None else max(epochs / 20, 1e-3)
+        weight = gaussian_epoch_weights(epochs, mean, std)[epoch - 1]
+        for key, value in self.learner.learned_state().items():
+            self._aggregate[key] = self._aggregate.get(key, torch.zeros_like(value)) + weight * value
+
+    def finish(self) -> None:
+        """Replace the prompts by their Gaussian-weighted average over epochs."""
+        if self.gpa and self._aggregate:
+            self.learner.load_learned_state(self._aggregate, "GPA aggregate")
