@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from . import metrics
@@ -242,31 +243,104 @@ def score_templates(
     return TemplateScores(pred.numpy(), p_true.numpy(), cos_true.numpy())
 
 
+@dataclass
+class Scores:
+    """Every per-template array the metrics need, for the clean templates and each perturbation."""
+
+    clean: TemplateScores  # [T, N] arrays
+    pred_ens: np.ndarray  # [N] prompt-ensemble predictions
+    pert_pred: list[np.ndarray]  # per perturbation spec, [T, R, N]
+    text_cos: list[np.ndarray]  # per perturbation spec, [T, R, C]: cos(u_{t,c}, u'_{t,c,r})
+    texts_encoded: int  # text-encoder sequences run
+
+
+def score_shared_text(learner: PromptLearner, image_feats: torch.Tensor, labels: torch.Tensor, table: PromptTable,
+                      text_batch_size: int, progress: ProgressFn | None = None) -> Scores:
+    """Scores for learners whose text features do not depend on the image: each unique prompt
+    string is encoded once, then logits are streamed in blocks."""
+    text_feats = encode_texts(learner, table.texts, text_batch_size, progress)
+    scale = float(learner.logit_scale)
+    clean_feats = text_feats[torch.as_tensor(table.clean, device=text_feats.device)]  # [T, C, D]
+    clean = score_templates(image_feats, labels, clean_feats, scale)
+    ensemble = F.normalize(clean_feats.mean(0), dim=-1)  # [C, D]
+    pred_ens = score_templates(image_feats, labels, ensemble.unsqueeze(0), scale).pred[0]
+    pert_pred, text_cos = [], []
+    for rows_np in table.perturbed:
+        rows = torch.as_tensor(rows_np, device=text_feats.device)  # [T, R, C]
+        n_t, n_r, n_c = rows.shape
+        pert_feats = text_feats[rows.reshape(n_t * n_r, n_c)]  # [T*R, C, D]
+        pert_pred.append(score_templates(image_feats, labels, pert_feats, scale).pred.reshape(n_t, n_r, -1))
+        text_cos.append((pert_feats.view(n_t, n_r, n_c, -1) * clean_feats.unsqueeze(1)).sum(-1).cpu().numpy())
+    return Scores(clean, pred_ens, pert_pred, text_cos, len(table.texts))
+
+
+@torch.inference_mode()
+def score_conditional(learner: PromptLearner, image_feats: torch.Tensor, labels: torch.Tensor, table: PromptTable,
+                      text_batch_size: int, progress: ProgressFn | None = None) -> Scores:
+    """Scores for image-conditional learners (CoCoOp): text features are computed per image.
+
+    Images are taken in chunks and templates one at a time; for each (chunk, template) the
+    unique strings among the clean and perturbed prompts of that template are encoded once,
+    conditioned on the chunk's images, so memory stays at ``chunk x strings x D``.
+    `text_cos` is averaged over images.
+    """
+    n_images, n_t, n_c = image_feats.shape[0], *table.clean.shape
+    n_r = table.perturbed[0].shape[1] if table.perturbed else 1
+    rows_per_t = np.concatenate([table.clean[:, None, :]] + [p for p in table.perturbed], axis=1)  # [T, 1+K*R, C]
+    scale = float(learner.logit_scale)
+    chunk = max(1, min(n_images, text_batch_size // max(1, len(np.unique(rows_per_t[0])))))
+    pred = np.empty((n_t, n_images), dtype=np.int64)
+    p_true, cos_true = np.empty((n_t, n_images)), np.empty((n_t, n_images))
+    pert_pred = [np.empty((n_t, n_r, n_images), dtype=np.int64) for _ in table.perturbed]
+    text_cos = [np.zeros((n_t, n_r, n_c)) for _ in table.perturbed]
+    pred_ens = np.empty(n_images, dtype=np.int64)
+    encoded = 0
+    for i0 in range(0, n_images, chunk):
+        v, y = image_feats[i0 : i0 + chunk], labels[i0 : i0 + chunk]
+        ensemble = torch.zeros(v.shape[0], n_c, v.shape[1], device=v.device)
+        for t in range(n_t):
+            unique, inverse = np.unique(rows_per_t[t], return_inverse=True)
+            feats = learner.encode_texts([table.texts[i] for i in unique], image_features=v).float()  # [n, U, D]
+            encoded += v.shape[0] * len(unique)
+            per_row = feats[:, torch.as_tensor(inverse.reshape(rows_per_t[t].shape), device=v.device)]  # [n, 1+K*R, C, D]
+            clean = per_row[:, 0]
+            ensemble += clean
+            cos = torch.einsum("nd,ncd->nc", v, clean)
+            logits = scale * cos
+            true_cos = cos.gather(1, y.view(-1, 1)).squeeze(1)
+            pred[t, i0 : i0 + chunk] = logits.argmax(1).cpu().numpy()
+            p_true[t, i0 : i0 + chunk] = (scale * true_cos - logits.logsumexp(1)).exp().cpu().numpy()
+            cos_true[t, i0 : i0 + chunk] = true_cos.cpu().numpy()
+            for k in range(len(table.perturbed)):
+                pert = per_row[:, 1 + k * n_r : 1 + (k + 1) * n_r]  # [n, R, C, D]
+                pert_pred[k][t, :, i0 : i0 + chunk] = torch.einsum("nd,nrcd->rnc", v, pert).argmax(2).cpu().numpy()
+                text_cos[k][t] += (pert * clean.unsqueeze(1)).sum(-1).sum(0).cpu().numpy()
+        ens = F.normalize(ensemble, dim=-1)
+        pred_ens[i0 : i0 + chunk] = torch.einsum("nd,ncd->nc", v, ens).argmax(1).cpu().numpy()
+        if progress:
+            progress("images x texts", min(i0 + chunk, n_images), n_images)
+    clean_scores = TemplateScores(pred, p_true.astype(np.float32), cos_true.astype(np.float32))
+    return Scores(clean_scores, pred_ens, pert_pred, [c / n_images for c in text_cos], encoded)
+
+
 class Evaluator:
     """Scores one learner over templates and perturbations on a dataset.
 
     Args:
-        learner: Any `PromptLearner`.
+        learner: Any `PromptLearner` (image-conditional ones included).
         settings: Templates, perturbations, seeds and batch sizes.
         progress: Optional ``progress(stage, done, total)`` callback.
     """
 
     def __init__(self, learner: PromptLearner, settings: EvalSettings, progress: ProgressFn | None = None):
-        if learner.conditional:
-            raise UserError(
-                f"learner '{learner.name}' is image-conditional; conditional evaluation is not supported yet"
-            )
         self.learner = learner
         self.settings = settings
         self.progress = progress
         self.lexicon = settings.lexicon or load_lexicon()
 
     def run(self, dataset: ImageDataset, subset: str = "all", partial: list | None = None) -> SubsetResult:
-        """Evaluate on `dataset`; `partial`, if given, receives the result as soon as it exists.
-
-        Clean metrics are computed first and the result object is appended to `partial` then, so
-        a caller that is interrupted during the perturbations keeps what was finished.
-        """
+        """Evaluate on `dataset`; the finished result is also appended to `partial` if given,
+        so a caller evaluating several subsets keeps the finished ones if interrupted."""
         s = self.settings
         learner = self.learner.eval()
         timings: dict[str, float] = {}
@@ -279,52 +353,33 @@ class Evaluator:
         timings["build_prompts_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        text_feats = encode_texts(learner, table.texts, s.text_batch_size, self.progress)
-        timings["encode_texts_s"] = time.perf_counter() - t0
+        labels = torch.as_tensor(labels_np, device=image_feats.device)
+        score = score_conditional if learner.conditional else score_shared_text
+        scores = score(learner, image_feats, labels, table, s.text_batch_size, self.progress)
+        timings["encode_texts_and_score_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        scale = float(learner.logit_scale)
-        labels = torch.as_tensor(labels_np, device=image_feats.device)
-        clean_feats = text_feats[torch.as_tensor(table.clean, device=text_feats.device)]  # [T, C, D]
-        clean = score_templates(image_feats, labels, clean_feats, scale)
-        ensemble = torch.nn.functional.normalize(clean_feats.mean(0), dim=-1)  # [C, D]
-        pred_ens = score_templates(image_feats, labels, ensemble.unsqueeze(0), scale).pred[0]
+        clean = scores.clean
         result = SubsetResult(
             subset=subset,
             n_images=len(labels_np),
             n_classes=len(dataset.classnames),
             skipped=skipped,
             metrics=metrics.clean_metrics(
-                clean.pred, clean.p_true, clean.cos_true, labels_np, pred_ens, n_resamples=s.bootstrap, seed=s.seed
+                clean.pred, clean.p_true, clean.cos_true, labels_np, scores.pred_ens, n_resamples=s.bootstrap,
+                seed=s.seed,
             ),
             per_template_acc=metrics.per_template_accuracy(clean.pred, labels_np).tolist(),
             timings=timings,
-            counts={"images_encoded": len(labels_np), "texts_encoded": len(table.texts)},
+            counts={"images_encoded": len(labels_np), "texts_encoded": scores.texts_encoded},
         )
+        for k, spec in enumerate(s.perturbations):
+            pert_metrics = metrics.perturbation_metrics(
+                clean.pred, scores.pert_pred[k], labels_np, scores.text_cos[k], table.unchanged[k],
+                n_resamples=s.bootstrap, seed=s.seed,
+            )
+            result.perturbations.append(PerturbationResult(spec=spec, draws=s.draws, metrics=pert_metrics))
+        timings["metrics_s"] = time.perf_counter() - t0
         if partial is not None:
             partial.append(result)
-        for k, spec in enumerate(s.perturbations):
-            rows = torch.as_tensor(table.perturbed[k], device=text_feats.device)  # [T, R, C]
-            n_t, n_r, n_c = rows.shape
-            pert_feats = text_feats[rows.reshape(n_t * n_r, n_c)]  # [T*R, C, D]
-            pert = score_templates(image_feats, labels, pert_feats, scale)
-            text_cos = (pert_feats.view(n_t, n_r, n_c, -1) * clean_feats.unsqueeze(1)).sum(-1)
-            result.perturbations.append(
-                PerturbationResult(
-                    spec=spec,
-                    draws=s.draws,
-                    metrics=metrics.perturbation_metrics(
-                        clean.pred,
-                        pert.pred.reshape(n_t, n_r, -1),
-                        labels_np,
-                        text_cos.cpu().numpy(),
-                        table.unchanged[k],
-                        n_resamples=s.bootstrap,
-                        seed=s.seed,
-                    ),
-                )
-            )
-            if self.progress:
-                self.progress("perturbations", k + 1, len(s.perturbations))
-        timings["score_and_metrics_s"] = time.perf_counter() - t0
         return result

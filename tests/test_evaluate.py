@@ -9,6 +9,7 @@ import torch
 from promptbench_vlm import evaluate as ev
 from promptbench_vlm.evaluate import EvalSettings, Evaluator, build_prompt_table
 from promptbench_vlm.learners import build_learner
+from promptbench_vlm.learners.zeroshot import ZeroShotLearner
 from promptbench_vlm.perturb import fill_template, load_lexicon, parse_perturbations
 
 TEMPLATES = ("a photo of a {}.", "a blurry photo of the {}.", "a sketch of a {}.", "itap of the {}.")
@@ -107,3 +108,48 @@ def test_corrupt_images_are_skipped_and_counted(zeroshot):
     result = Evaluator(zeroshot, EvalSettings(templates=TEMPLATES, bootstrap=0)).run(dataset)
     assert result.n_images == len(dataset) - 2
     assert [s["item"] for s in result.skipped] == ["colours/1", "colours/5"]
+
+
+class ConditionalLearner(ZeroShotLearner):
+    """Zero-shot text features nudged towards each image: u(x) = normalise(u + mix * v(x))."""
+
+    name = "conditional-test"
+    conditional = True
+    mix = 0.5
+
+    def encode_texts(self, texts, image_features=None):
+        base = super().encode_texts(texts)
+        if image_features is None:
+            return base
+        return torch.nn.functional.normalize(base[None] + self.mix * image_features[:, None], dim=-1)
+
+
+def test_conditional_learner_that_ignores_the_image_matches_the_shared_path(tiny_backbone, colour_dataset):
+    settings = EvalSettings(templates=TEMPLATES, perturbations=tuple(parse_perturbations("drop:strong,mask")),
+                            draws=2, bootstrap=0, text_batch_size=40)
+    shared = Evaluator(build_learner("zeroshot", tiny_backbone), settings).run(colour_dataset)
+    learner = ConditionalLearner(tiny_backbone)
+    learner.mix = 0.0
+    conditional = Evaluator(learner, settings).run(colour_dataset)
+    assert conditional.per_template_acc == shared.per_template_acc
+    assert conditional.metrics["sensitivity"].value == pytest.approx(shared.metrics["sensitivity"].value, abs=1e-6)
+    assert conditional.metrics["ensemble_acc"].value == shared.metrics["ensemble_acc"].value
+    for a, b in zip(conditional.perturbations, shared.perturbations):
+        assert a.metrics["LPR"].value == b.metrics["LPR"].value
+        assert a.metrics["TS"].value == pytest.approx(b.metrics["TS"].value, abs=1e-5)
+
+
+def test_conditional_scores_match_direct_per_image_computation(tiny_backbone, colour_dataset):
+    learner = ConditionalLearner(tiny_backbone)
+    result = Evaluator(learner, EvalSettings(templates=TEMPLATES, bootstrap=0, text_batch_size=8)).run(colour_dataset)
+    preprocess = tiny_backbone.preprocess
+    with torch.no_grad():
+        v = learner.encode_images(torch.stack([preprocess(colour_dataset.load(i)) for i in range(len(colour_dataset))]))
+        labels = torch.tensor(colour_dataset.labels)
+        acc = []
+        for t in TEMPLATES:
+            u = learner.encode_texts([t.replace("{}", c) for c in colour_dataset.classnames], image_features=v)
+            acc.append(((torch.einsum("nd,ncd->nc", v, u)).argmax(1) == labels).float().mean().item() * 100)
+    np.testing.assert_allclose(result.per_template_acc, acc, atol=1e-4)
+    n_strings = len(TEMPLATES) * len(colour_dataset.classnames)
+    assert result.counts["texts_encoded"] == len(colour_dataset) * n_strings  # per image, each string once
