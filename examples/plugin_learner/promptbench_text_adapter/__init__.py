@@ -1,0 +1,1 @@
+"""Example promptbench_vlm plug-in: the `text-adapter` learner (see `learner.py`)."""

@@ -1,0 +1,66 @@
+"""CoCoOp (Zhou et al., CVPR 2022): CoOp's context shifted per image by a small meta-net.
+
+For image features f (the L2-normalised output of `encode_images`), every context vector becomes
+``ctx_i + meta_net(f)`` with ``meta_net = Linear(D, D // 16) -> ReLU -> Linear(D // 16, W)``, as in
+the reference code. Text features therefore depend on the image: the learner is `conditional`
+and `encode_texts` needs the image features, returning ``[N, M, D]``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..backbone import Backbone
+from . import text
+from .base import PromptLearner
+from .checks import check_count, check_text_tower
+from .coop import DEFAULT_CTX_INIT, initial_context
+
+
+class CoCoOpLearner(PromptLearner):
+    """Image-conditional context on a frozen backbone.
+
+    Args:
+        backbone: A CLIP with open_clip's text transformer.
+        n_ctx: Number of context vectors (reference default 4).
+        ctx_init: As for `coop`: init text of the context, else N(0, 0.02).
+    """
+
+    name = "cocoop"
+    conditional = True
+
+    def __init__(self, backbone: Backbone, n_ctx: int = 4, ctx_init: str | None = DEFAULT_CTX_INIT):
+        super().__init__(backbone, n_ctx=n_ctx, ctx_init=ctx_init)
+        check_count(self.name, "n_ctx", n_ctx, low=1)
+        check_text_tower(self.name, backbone, n_ctx)
+        self.n_ctx = n_ctx
+        self.ctx = initial_context(self, n_ctx, ctx_init)
+        dim = text.text_feature_dim(self.clip)
+        hidden = max(1, dim // 16)
+        self.meta_net = nn.Sequential(
+            OrderedDict(
+                linear1=nn.Linear(dim, hidden),
+                relu=nn.ReLU(),
+                linear2=nn.Linear(hidden, self.ctx.shape[1]),
+            )
+        )
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.clip.encode_image(images), dim=-1)
+
+    def encode_texts(self, texts: list[str], image_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Return ``[N, M, D]`` L2-normalised features: the M prompts as conditioned on each image.
+
+        Raises:
+            ValueError: no `image_features` (a conditional learner cannot encode text alone).
+        """
+        if image_features is None:
+            raise ValueError("cocoop is image-conditional: encode_texts needs image_features [N, D]")
+        batch = text.prepare(self.clip, self.tokenize(texts), self.n_ctx)
+        contexts = self.ctx + self.meta_net(image_features.to(self.ctx.dtype))[:, None, :]
+        features = torch.stack([text.encode(self.clip, batch, [ctx]) for ctx in contexts])
+        return F.normalize(features, dim=-1)

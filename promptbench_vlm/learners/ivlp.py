@@ -1,0 +1,52 @@
+"""IVLP, independent vision-language prompting (the MaPLe paper's baseline, PromptSRC's learner).
+
+Deep text prompts (see `deep`) and, independently, free deep vision prompts: ``n_ctx_v`` tokens
+appended to the ViT input before ``ln_pre`` and replaced at the input of each block < depth_v.
+Reference defaults: depth 9 on both towers, 2 + 2 tokens (PromptSRC uses 4 + 4).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..backbone import Backbone
+from .checks import check_count, check_depth
+from .coop import DEFAULT_CTX_INIT
+from .deep import DeepPromptLearner, random_prompts
+
+
+class IVLPLearner(DeepPromptLearner):
+    """Independent deep prompts on both towers.
+
+    Args:
+        backbone: A CLIP with open_clip's text transformer and VisionTransformer image tower.
+        n_ctx: Text prompt tokens per layer (default 2).
+        ctx_init: Init text of the layer-0 text context (default "a photo of a").
+        depth: Text prompt depth (default 9; 0 leaves the text tower plain).
+        n_ctx_v: Vision prompt tokens per layer (default 2; 0 leaves the image tower plain).
+        depth_v: Vision prompt depth (default 9; 0 leaves the image tower plain).
+
+    Attributes:
+        vision_prompts: ``vision_prompts[i]`` ``[n_ctx_v, W_v]`` are the layer-i vision prompts.
+    """
+
+    name = "ivlp"
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        n_ctx: int = 2,
+        ctx_init: str | None = DEFAULT_CTX_INIT,
+        depth: int = 9,
+        n_ctx_v: int = 2,
+        depth_v: int = 9,
+    ):
+        super().__init__(backbone, n_ctx, ctx_init, depth, n_ctx_v=n_ctx_v, depth_v=depth_v)
+        check_count(self.name, "n_ctx_v", n_ctx_v)
+        check_depth(self.name, "depth_v", depth_v, self.vision_layers, "image", n_ctx_v)
+        count = depth_v if n_ctx_v else 0
+        self.vision_prompts = nn.ParameterList([random_prompts(n_ctx_v, self.vision_width) for _ in range(count)])
+
+    def vision_layer_prompts(self) -> list[torch.Tensor]:
+        return list(self.vision_prompts)

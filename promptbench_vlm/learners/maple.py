@@ -1,0 +1,41 @@
+"""MaPLe (Khattak et al., CVPR 2023): multi-modal prompts coupled from the text side.
+
+Deep text prompts as in IVLP; the vision prompts are not free: at each layer i < depth they are
+``Linear_i(text prompts of layer i)``, one ``Linear(text width -> vision width)`` per layer, so
+the image features move with the text context. Reference defaults: depth 9, n_ctx 2.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..backbone import Backbone
+from .checks import check_depth
+from .coop import DEFAULT_CTX_INIT
+from .deep import DeepPromptLearner
+
+
+class MaPLeLearner(DeepPromptLearner):
+    """Text prompts on every layer < depth, projected into the image tower.
+
+    Args:
+        backbone: A CLIP with open_clip's text transformer and VisionTransformer image tower.
+        n_ctx: Prompt tokens per layer on both towers (default 2).
+        ctx_init: Init text of the layer-0 text context (default "a photo of a").
+        depth: Prompt depth of both towers (default 9; 0 leaves the backbone plain).
+
+    Attributes:
+        vision_proj: ``vision_proj[i]`` maps the layer-i text prompts to the layer-i vision prompts.
+    """
+
+    name = "maple"
+
+    def __init__(self, backbone: Backbone, n_ctx: int = 2, ctx_init: str | None = DEFAULT_CTX_INIT, depth: int = 9):
+        super().__init__(backbone, n_ctx, ctx_init, depth)
+        check_depth(self.name, "depth", depth, self.vision_layers, "image", n_ctx)
+        width = self.clip.transformer.width
+        self.vision_proj = nn.ModuleList([nn.Linear(width, self.vision_width) for _ in self.text_prompts])
+
+    def vision_layer_prompts(self) -> list[torch.Tensor]:
+        return [proj(prompts) for proj, prompts in zip(self.vision_proj, self.text_prompts)]
