@@ -250,7 +250,7 @@ def test_context_init_rule(tiny_backbone):
 @pytest.mark.parametrize(
     "name,options,message",
     [
-        ("maple", {}, "depth=9 but the text transformer of this backbone has only 2 layers"),
+        ("maple", {"depth": 9}, "depth=9 but the text transformer of this backbone has only 2 layers"),
         ("ivlp", {"depth": 1, "depth_v": 3}, "depth_v=3 but the image transformer"),
         ("coop", {"n_ctx": 0}, "n_ctx must be an integer >= 1"),
         ("ivlp", {"n_ctx": "two"}, "n_ctx must be an integer"),
@@ -279,3 +279,12 @@ def test_unsupported_towers_are_user_errors(tiny_backbone):
     custom = open_clip.CustomTextCLIP(32, vit_cfg, text_cfg)
     with pytest.raises(UserError, match="CustomTextCLIP"):
         build_learner("coop", tiny_backbone_of(custom, tiny_backbone.tokenizer))
+
+
+def test_default_depth_is_the_reference_9_capped_at_the_backbone(tiny_backbone):
+    maple = build_learner("maple", tiny_backbone)
+    ivlp = build_learner("ivlp", tiny_backbone)
+    assert maple.options["depth"] == 2 and len(maple.text_prompts) == 2  # the tiny model has 2 layers
+    assert ivlp.options["depth"] == 2 and ivlp.options["depth_v"] == 2
+    maple.train()
+    assert maple.training and not maple.clip.training  # the frozen backbone stays in eval mode

@@ -55,6 +55,13 @@ class PromptLearner(nn.Module):
             p.requires_grad_(False)
         self.options: dict[str, Any] = dict(options)
 
+    def train(self, mode: bool = True) -> PromptLearner:
+        """Switch the learner's own modules; the frozen backbone always stays in eval mode
+        (no dropout or patch dropout from the backbone while prompts train)."""
+        super().train(mode)
+        self.clip.eval()
+        return self
+
     # --- the contract -------------------------------------------------------------------
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Return L2-normalised image features ``[N, D]`` for preprocessed images."""

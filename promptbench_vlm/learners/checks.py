@@ -8,6 +8,7 @@ Anything else fails here instead of computing something subtly different.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import open_clip
@@ -27,6 +28,18 @@ def check_count(learner: str, option: str, value: Any, low: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise UserError(f"learner '{learner}': option {option} must be an integer >= {low}, got {value!r}")
     return value
+
+
+REFERENCE_DEPTH = 9
+
+
+def default_depth(depth: int | None, *towers: Any) -> int:
+    """The prompt depth to use: `depth` if given, else the reference 9 capped at the layers of
+    the given towers (so a small backbone such as the 4-layer toy-clip works with defaults)."""
+    if depth is not None:
+        return depth
+    layers = [len(t.resblocks) for t in towers if isinstance(getattr(t, "resblocks", None), Iterable)]
+    return min([REFERENCE_DEPTH, *layers])
 
 
 def check_depth(learner: str, option: str, depth: int, layers: int, tower: str, n_ctx: int) -> int:

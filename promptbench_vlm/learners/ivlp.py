@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..backbone import Backbone
-from .checks import check_count, check_depth
+from .checks import check_count, check_depth, default_depth
 from .coop import DEFAULT_CTX_INIT
 from .deep import DeepPromptLearner, random_prompts
 
@@ -23,9 +23,9 @@ class IVLPLearner(DeepPromptLearner):
         backbone: A CLIP with open_clip's text transformer and VisionTransformer image tower.
         n_ctx: Text prompt tokens per layer (default 2).
         ctx_init: Init text of the layer-0 text context (default "a photo of a").
-        depth: Text prompt depth (default 9; 0 leaves the text tower plain).
+        depth: Text prompt depth (default 9, capped at the text tower's layers; 0 leaves it plain).
         n_ctx_v: Vision prompt tokens per layer (default 2; 0 leaves the image tower plain).
-        depth_v: Vision prompt depth (default 9; 0 leaves the image tower plain).
+        depth_v: Vision prompt depth (default 9, capped at the image tower's layers; 0 leaves it plain).
 
     Attributes:
         vision_prompts: ``vision_prompts[i]`` ``[n_ctx_v, W_v]`` are the layer-i vision prompts.
@@ -38,10 +38,13 @@ class IVLPLearner(DeepPromptLearner):
         backbone: Backbone,
         n_ctx: int = 2,
         ctx_init: str | None = DEFAULT_CTX_INIT,
-        depth: int = 9,
+        depth: int | None = None,
         n_ctx_v: int = 2,
-        depth_v: int = 9,
+        depth_v: int | None = None,
     ):
+        clip = backbone.model
+        depth = default_depth(depth, getattr(clip, "transformer", None))
+        depth_v = default_depth(depth_v, getattr(getattr(clip, "visual", None), "transformer", None))
         super().__init__(backbone, n_ctx, ctx_init, depth, n_ctx_v=n_ctx_v, depth_v=depth_v)
         check_count(self.name, "n_ctx_v", n_ctx_v)
         check_depth(self.name, "depth_v", depth_v, self.vision_layers, "image", n_ctx_v)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..backbone import Backbone
-from .checks import check_depth
+from .checks import check_depth, default_depth
 from .coop import DEFAULT_CTX_INIT
 from .deep import DeepPromptLearner
 
@@ -23,7 +23,8 @@ class MaPLeLearner(DeepPromptLearner):
         backbone: A CLIP with open_clip's text transformer and VisionTransformer image tower.
         n_ctx: Prompt tokens per layer on both towers (default 2).
         ctx_init: Init text of the layer-0 text context (default "a photo of a").
-        depth: Prompt depth of both towers (default 9; 0 leaves the backbone plain).
+        depth: Prompt depth of both towers (default 9, capped at the towers' layers; 0 leaves the
+            backbone plain).
 
     Attributes:
         vision_proj: ``vision_proj[i]`` maps the layer-i text prompts to the layer-i vision prompts.
@@ -31,7 +32,11 @@ class MaPLeLearner(DeepPromptLearner):
 
     name = "maple"
 
-    def __init__(self, backbone: Backbone, n_ctx: int = 2, ctx_init: str | None = DEFAULT_CTX_INIT, depth: int = 9):
+    def __init__(self, backbone: Backbone, n_ctx: int = 2, ctx_init: str | None = DEFAULT_CTX_INIT,
+                 depth: int | None = None):
+        clip = backbone.model
+        depth = default_depth(depth, getattr(clip, "transformer", None),
+                              getattr(getattr(clip, "visual", None), "transformer", None))
         super().__init__(backbone, n_ctx, ctx_init, depth)
         check_depth(self.name, "depth", depth, self.vision_layers, "image", n_ctx)
         width = self.clip.transformer.width
