@@ -62,6 +62,11 @@ class TrainingMethod(nn.Module):
         """The learner's image features, from the precomputed cache when the image side is frozen."""
         return image_features if image_features is not None else self.learner.encode_images(images)
 
+    fit = None
+    """Optional replacement of the shared loop: a method that is not "one loss per batch" (MAML's
+    episodes) defines ``fit(dataset, config, lr, log_path, on_epoch_end, progress) -> TrainOutcome``
+    with the meaning of `train.loop.train`'s arguments, and `run_training` calls it instead."""
+
     def on_epoch_end(self, epoch: int, epochs: int) -> None:
         """Hook after each epoch (PromptSRC's prompt aggregation uses it)."""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,9 +99,9 @@ def run_training(request: TrainRequest, run_info: dict[str, Any], progress: Prog
     extra = {"method": request.method, "method_options": method.options, "train": config.to_dict(), "lr": lr,
              "dataset": request.dataset, "subset": request.subset, "shots": request.shots}
     checkpoint = folder / CHECKPOINT
-    outcome = train(method, train_data, config, lr, log_path=folder / LOG,
-                    on_epoch_end=lambda epoch: learner.save(checkpoint, {**extra, "epoch": epoch}),
-                    progress=progress)
+    fit = method.fit if method.fit is not None else partial(train, method)
+    outcome = fit(train_data, config, lr, log_path=folder / LOG,
+                  on_epoch_end=lambda epoch: learner.save(checkpoint, {**extra, "epoch": epoch}), progress=progress)
     learner.save(checkpoint, {**extra, "epoch": config.epochs, "final": True})
 
     evaluator = Evaluator(learner, EvalSettings(templates=eval_templates.templates, perturbations=tuple(eval_specs),
