@@ -16,12 +16,10 @@ from torch import nn
 
 from ..backbone import Backbone
 from . import text
-from .base import PromptLearner
-from .checks import check_count, check_text_tower
-from .coop import DEFAULT_CTX_INIT, initial_context
+from .coop import DEFAULT_CTX_INIT, CoOpLearner
 
 
-class CoCoOpLearner(PromptLearner):
+class CoCoOpLearner(CoOpLearner):
     """Image-conditional context on a frozen backbone.
 
     Args:
@@ -35,10 +33,6 @@ class CoCoOpLearner(PromptLearner):
 
     def __init__(self, backbone: Backbone, n_ctx: int = 4, ctx_init: str | None = DEFAULT_CTX_INIT):
         super().__init__(backbone, n_ctx=n_ctx, ctx_init=ctx_init)
-        check_count(self.name, "n_ctx", n_ctx, low=1)
-        check_text_tower(self.name, backbone, n_ctx)
-        self.n_ctx = n_ctx
-        self.ctx = initial_context(self, n_ctx, ctx_init)
         dim = text.text_feature_dim(self.clip)
         hidden = max(1, dim // 16)
         self.meta_net = nn.Sequential(
@@ -48,9 +42,6 @@ class CoCoOpLearner(PromptLearner):
                 linear2=nn.Linear(hidden, self.ctx.shape[1]),
             )
         )
-
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.clip.encode_image(images), dim=-1)
 
     def encode_texts(self, texts: list[str], image_features: torch.Tensor | None = None) -> torch.Tensor:
         """Return ``[N, M, D]`` L2-normalised features: the M prompts as conditioned on each image.
