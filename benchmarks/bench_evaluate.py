@@ -58,7 +58,7 @@ def overhead_ratio() -> None:
     bare_s = bare_encode_seconds(backbone, dataset, table.texts, settings.batch_size, settings.text_batch_size)
     print(f"[overhead] {len(dataset)} images, {len(table.texts)} unique prompts, 60 templates x 8 perturbations")
     print(f"[overhead] evaluate {evaluate_s:.2f} s; bare open_clip encode {bare_s:.2f} s")
-    print(f"[overhead] stages: " + ", ".join(f"{k} {v:.2f}" for k, v in result.timings.items()))
+    print("[overhead] stages: " + ", ".join(f"{k} {v:.2f}" for k, v in result.timings.items()))
     print(f"[overhead] ratio evaluate / bare encode = {evaluate_s / bare_s:.2f}  (target <= 1.3)")
 
 

@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import TINY_CONFIG
+
 from promptbench_vlm import cli
 from promptbench_vlm.results import read_result
 

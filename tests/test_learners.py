@@ -14,6 +14,7 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_CONFIG
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -22,8 +23,6 @@ from promptbench_vlm.backbone import Backbone, load_backbone
 from promptbench_vlm.errors import UserError
 from promptbench_vlm.learners import LEARNERS, build_learner, load_learner_checkpoint
 from promptbench_vlm.learners.base import PromptLearner
-
-from conftest import TINY_CONFIG
 
 CLASSES = ["dog", "red car", "tree"]
 SMALL = {  # options that fit the 2-layer tiny model

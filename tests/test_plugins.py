@@ -12,16 +12,15 @@ import os
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
+from conftest import TINY_CONFIG
 
 from promptbench_vlm.evaluate import EvalSettings, Evaluator
 from promptbench_vlm.learners import LEARNERS, build_learner, load_learner_checkpoint
-
-from conftest import TINY_CONFIG
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "plugin_learner"

@@ -77,9 +77,8 @@ def test_failed_hub_download_is_one_clear_line(monkeypatch):
 
 
 def test_local_weights_file_round_trip(tmp_path, tiny_backbone):
-    from safetensors.torch import save_file
-
     from conftest import TINY_CONFIG
+    from safetensors.torch import save_file
 
     path = tmp_path / "tiny.safetensors"
     save_file({k: v.contiguous() for k, v in tiny_backbone.model.state_dict().items()}, str(path))

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
-import torch
-
 from conftest import COLOURS, TINY_CONFIG, colour_image
+
 from promptbench_vlm.errors import UserError
 from promptbench_vlm.learners import build_learner
 from promptbench_vlm.train.fewshot import few_shot, sample_indices
