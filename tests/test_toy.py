@@ -1,0 +1,113 @@
+"""The toy world: a deterministic dataset, a trainer whose loss falls, a checkpoint that matches its card."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from promptbench_vlm.backbone import TOY_WEIGHTS, load_backbone
+from promptbench_vlm.data.base import BaseNewSplit
+from promptbench_vlm.errors import UserError
+from promptbench_vlm.templates import load_templates
+from promptbench_vlm.toy import train as toy_train
+from promptbench_vlm.toy.shapes import CLASSNAMES, SPLIT_SIZES, Factors, ToyShapes, caption, render
+
+CARD = TOY_WEIGHTS.with_name("toy-clip.card.json")
+TINY = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path) -> Path:
+    path = tmp_path / "toy-tiny.json"
+    path.write_text(json.dumps(TINY))
+    return path
+
+
+def pixels(dataset: ToyShapes, index: int) -> np.ndarray:
+    return np.asarray(dataset.load(index))
+
+
+def test_images_are_deterministic_per_split_and_seed():
+    test = ToyShapes("test")
+    image = test.load(17)
+    assert image.mode == "RGB" and image.size == (32, 32)
+    assert np.array_equal(pixels(test, 17), pixels(ToyShapes("test"), 17))
+    assert not np.array_equal(pixels(test, 17), pixels(ToyShapes("train"), 17))
+    assert not np.array_equal(pixels(test, 17), pixels(ToyShapes("test", seed=1), 17))
+    assert test.describe(17) == "toy-shapes/test/17"
+
+
+def test_classes_and_split_sizes():
+    assert len(CLASSNAMES) == 48 and CLASSNAMES == sorted(CLASSNAMES)
+    assert {"red circle", "orange star", "yellow star", "purple square", "blue square"} <= set(CLASSNAMES)
+    for split, per_class in SPLIT_SIZES.items():
+        dataset = ToyShapes(split)
+        assert dataset.name == "toy-shapes" and dataset.classnames == CLASSNAMES
+        assert len(dataset) == 48 * per_class
+        assert np.bincount(dataset.labels).tolist() == [per_class] * 48
+    assert (SPLIT_SIZES["train"], SPLIT_SIZES["val"], SPLIT_SIZES["test"]) == (64, 8, 20)
+    assert BaseNewSplit.for_classes(48).base == tuple(range(24))
+
+
+def test_unknown_split_is_a_user_error():
+    with pytest.raises(UserError, match="Valid: test, train, val"):
+        ToyShapes("dev")
+    with pytest.raises(IndexError):
+        ToyShapes("val").load(48 * 8)
+
+
+def test_factors_match_the_rendered_image_and_captions_name_only_present_nuisances():
+    dataset = ToyShapes("train")
+    rng = np.random.default_rng(0)
+    for i in range(48):
+        _, label, factors = render("train", i)
+        assert label == dataset.labels[i] and factors == dataset.factors(i)
+    plain = Factors("mid", "medium", blur=False, pixelated=False, many=False, cropped=False, style="filled")
+    nuisance_words = ("dark", "bright", "blurry", "pixelated", "low resolution", "many", "cropped", "sketch", "small")
+    for _ in range(50):
+        text = caption("red circle", plain, rng)
+        assert "red circle" in text and not any(w in text for w in nuisance_words)
+    busy = Factors("dark", "small", blur=True, pixelated=True, many=True, cropped=False, style="sketch")
+    texts = [caption("red circle", busy, rng) for _ in range(100)]
+    assert all("red circle" in t for t in texts)
+    for word in ("dark", "blurry", "many", "small"):
+        assert any(word in t for t in texts)
+
+
+def test_training_makes_the_loss_fall(tiny_config: Path):
+    cfg = toy_train.TrainConfig(config=str(tiny_config), steps=40, batch_size=32, lr=3e-3, warmup=5, per_class=4)
+    _, losses = toy_train.train(cfg, log=lambda _: None)
+    assert len(losses) == 40
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3
+
+
+def test_train_script_writes_weights_and_a_card(tiny_config: Path, tmp_path: Path):
+    out = tmp_path / "tiny.safetensors"
+    args = ["--config", str(tiny_config), "--steps", "3", "--batch-size", "16", "--per-class", "1"]
+    card = toy_train.main([*args, "--output", str(out), "--eval-images", "48"])
+    assert out.is_file() and json.loads((tmp_path / "tiny.card.json").read_text()) == card
+    zs = card["zero_shot"]
+    assert zs["n_images"] == 48 and len(zs["per_template_acc"]) == 60
+    assert card["training"]["steps"] == 3 and card["training"]["command"].endswith("--eval-images 48")
+
+
+def test_shipped_checkpoint_reproduces_its_card():
+    card = json.loads(CARD.read_text())
+    assert TOY_WEIGHTS.stat().st_size <= 20 * 2**20
+    zs = card["zero_shot"]
+    assert 40 <= zs["acc_mean"] <= 90 and zs["acc_spread"] >= 5 and zs["sensitivity"] >= 0.005
+    backbone = load_backbone("toy-clip", device="cpu")
+    templates = load_templates("promptsrc60").templates[:5]
+    got = toy_train.zero_shot(backbone.model, backbone.preprocess, backbone.tokenizer, ToyShapes("test"), templates)
+    n = zs["n_images"]
+    assert got["n_images"] == n == len(ToyShapes("test"))
+    counts = np.array(got["per_template_acc"]) * n / 100
+    expected = np.array(zs["per_template_acc"][:5]) * n / 100
+    assert np.abs(counts - expected).max() < 1e-6
