@@ -65,6 +65,10 @@ class DeepPromptLearner(PromptLearner):
         """Number of blocks of the image transformer."""
         return len(self.clip.visual.transformer.resblocks)
 
+    def text_layer_prompts(self) -> list[torch.Tensor]:
+        """The text prompts of layers 0..depth-1 as `text.encode` takes them (a subclass may add more)."""
+        return list(self.text_prompts)
+
     def vision_layer_prompts(self) -> list[torch.Tensor]:
         """The vision prompts of layers 0..depth_v-1, each ``[n_ctx_v, W_v]``; empty for none."""
         raise NotImplementedError
@@ -74,4 +78,4 @@ class DeepPromptLearner(PromptLearner):
 
     def encode_texts(self, texts: list[str], image_features: torch.Tensor | None = None) -> torch.Tensor:
         batch = text.prepare(self.clip, self.tokenize(texts), self.n_ctx)
-        return F.normalize(text.encode(self.clip, batch, list(self.text_prompts)), dim=-1)
+        return F.normalize(text.encode(self.clip, batch, self.text_layer_prompts()), dim=-1)
