@@ -11,7 +11,7 @@ from ..learners.base import PromptLearner
 from ..perturb import fill_template
 from .method import TrainingMethod
 
-DEEP_LEARNERS = ("ivlp", "maple")
+DEEP_LEARNERS = ("ivlp", "maple", "anprompt-ivlp", "anprompt-maple")
 
 
 class ERM(TrainingMethod):

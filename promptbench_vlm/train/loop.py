@@ -174,6 +174,7 @@ def train(
                     record = {"step": step, "epoch": epoch, "loss": mean_loss, "lr": rate,
                               "images_per_s": window_images / max(elapsed, 1e-9), **diagnostics}
                     log.write(json.dumps(record) + "\n")
+                    log.flush()  # a running job can be followed with tail -f
                 pending, window_loss, window_images, window_start = 0, 0.0, 0, time.perf_counter()
                 if progress:
                     progress("train", step, total_steps)
