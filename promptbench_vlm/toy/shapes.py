@@ -11,9 +11,8 @@ and nuisance factors drawn independently of the class:
 - cropped: the object partly out of frame;
 - style: filled, outline, or sketch-like jittered strokes.
 
-Shapes stand upright with a small tilt and even small objects are about as wide as an 8 px patch
-of the toy CLIP's ViT image tower: with free rotation and smaller objects, toy CLIPs trained for
-minutes on 2 CPU cores learned colour but hardly shape (about 20 % accuracy).
+Shapes stand upright with a small tilt: with free rotation, toy CLIPs trained for minutes on
+2 CPU cores learned colour but hardly shape (about 20 % accuracy).
 
 A class is ``"<colour> <shape>"`` (8 colours x 6 shapes = 48 classes); the colours include the
 confusable pairs orange/yellow, purple/blue and red/pink, and each image jitters its colour, so
@@ -62,15 +61,14 @@ SHAPES = ("circle", "cross", "heart", "square", "star", "triangle")
 CLASSNAMES = sorted(f"{colour} {shape}" for colour in COLOURS for shape in SHAPES)
 
 COLOUR_JITTER = 20  # per-channel uniform jitter of the object colour
-MAX_TILT = 0.2  # shapes stand upright, tilted a little (radians, ~2 sd); any rotation made shape unlearnable at this scale
+MAX_TILT = 0.3  # shapes stand upright, tilted a little (radians, ~2 sd); any rotation made shape unlearnable at this scale
 BACKGROUND_LEVELS = {"dark": (10, 60), "mid": (90, 150), "bright": (190, 245)}
-SIZE_RADII = {"small": (5.0, 7.0), "medium": (8.0, 10.5), "large": (11.5, 14.5)}  # even small objects span an 8 px ViT patch
+SIZE_RADII = {"small": (4.0, 6.0), "medium": (7.0, 9.5), "large": (10.5, 14.0)}
 P_BLUR, P_PIXELATED, P_MANY, P_CROPPED = 0.2, 0.15, 0.15, 0.15
 STYLES, STYLE_PROBS = ("filled", "outline", "sketch"), (0.6, 0.2, 0.2)
 
 P_BARE_CAPTION = 0.15  # a caption that is the class name alone
-P_MEDIUM_WORD = 0.75  # an outline / sketch image is called a drawing, sketch or doodle with this probability
-P_WORD = 0.6  # each present nuisance is named with this probability
+P_WORD = 0.5  # each present nuisance is named with this probability
 
 
 @dataclass(frozen=True)
@@ -249,7 +247,7 @@ def caption(classname: str, f: Factors, rng: np.random.Generator) -> str:
     if f.cropped:
         before += _maybe(rng, ["cropped", "close-up"])
     medium = {"filled": ["photo"], "outline": ["drawing", "sketch"], "sketch": ["sketch", "doodle", "drawing"]}[f.style]
-    noun = (_maybe(rng, medium, P_MEDIUM_WORD) or ["photo"])[0]
+    noun = (_maybe(rng, medium, 0.6) or ["photo"])[0]
     det = str(rng.choice(["a", "the"]))
     if f.many:
         det = (_maybe(rng, ["many"], 0.6) or [det])[0]
