@@ -200,7 +200,7 @@ def train(
     learner: Annotated[str, typer.Option(help="Learner to train (promptbench list learners).")] = "coop",
     model: Annotated[str, typer.Option(help="open_clip architecture name, model-config JSON path, or toy-clip.")] = "toy-clip",
     pretrained: Annotated[Optional[str], typer.Option(help="Pretrained tag or local weights file.")] = None,
-    dataset: Annotated[str, typer.Option(help="Dataset spec; its train split is trained on, its test split evaluated.")] = "toy-shapes",
+    dataset: Annotated[list[str], typer.Option(help="Dataset spec; its train split is trained on, its test split evaluated. Repeatable: train on several side by side (maml-clip: one task source each), evaluate on the first.")] = ["toy-shapes"],
     shots: Annotated[int, typer.Option(help="Images per class (few-shot, drawn with the seed); 0 = all.")] = 16,
     subset: Annotated[str, typer.Option(help="Classes to train on: base (then evaluate base and new), new or all.")] = "base",
     epochs: Annotated[int, typer.Option(min=1)] = 5,
@@ -231,9 +231,11 @@ def train(
     METHODS.get(method)  # unknown names fail before anything loads
     if init is None:
         LEARNERS.get(learner)
-    folder = output_path(output, method=method, learner=learner, dataset=dataset, seed=str(seed), shots=str(shots))
+    folder = output_path(output, method=method, learner=learner, dataset="+".join(dataset), seed=str(seed),
+                         shots=str(shots))
     request = TrainRequest(
-        method=method, learner=learner if init is None else "", model=model, pretrained=pretrained, dataset=dataset,
+        method=method, learner=learner if init is None else "", model=model, pretrained=pretrained,
+        dataset=dataset[0] if len(dataset) == 1 else dataset,
         shots=shots, subset=subset, output=str(folder), init=str(init) if init else None,
         learner_options=parse_options(learner_opt), method_options=parse_options(method_opt),
         config=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, warmup_epochs=warmup_epochs,

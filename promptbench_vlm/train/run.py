@@ -24,6 +24,7 @@ from ..results import backbone_fields, build_result, write_json
 from ..templates import load_templates
 from .fewshot import DEFAULT_CACHE, few_shot
 from .loop import TrainConfig, train
+from .maml_tasks import JointDataset
 from .method import build_method
 
 CHECKPOINT, LOG, SETTINGS, RESULT = "learner.safetensors", "log.jsonl", "train.json", "result.json"
@@ -37,7 +38,7 @@ class TrainRequest:
     learner: str = "coop"
     model: str = "toy-clip"
     pretrained: str | None = None
-    dataset: str = "toy-shapes"
+    dataset: str | list[str] = "toy-shapes"  # several: trained on side by side, evaluated on the first
     shots: int = 16
     subset: str = "base"
     output: str = "runs/{method}-{learner}-seed{seed}"
@@ -75,11 +76,13 @@ def run_training(request: TrainRequest, run_info: dict[str, Any], progress: Prog
     eval_templates = load_templates(request.eval_templates)
     eval_specs = parse_perturbations(request.eval_perturb)
     options = request.dataset_options
-    train_data = load_dataset(request.dataset, DatasetOptions(**{**options.__dict__, "split": "train"}), request.subset)
-    train_data = few_shot(train_data, request.shots, config.seed,
-                          Path(request.fewshot_cache) if request.fewshot_cache else None)
+    sources = [request.dataset] if isinstance(request.dataset, str) else list(request.dataset)
+    parts = [few_shot(load_dataset(source, DatasetOptions(**{**options.__dict__, "split": "train"}), request.subset),
+                      request.shots, config.seed, Path(request.fewshot_cache) if request.fewshot_cache else None)
+             for source in sources]
+    train_data = parts[0] if len(parts) == 1 else JointDataset(parts)
     eval_subsets = ["base", "new"] if request.subset == "base" else [request.subset]
-    test_sets = [load_dataset(request.dataset, DatasetOptions(**{**options.__dict__, "split": "test"}), s)
+    test_sets = [load_dataset(sources[0], DatasetOptions(**{**options.__dict__, "split": "test"}), s)
                  for s in eval_subsets]
     prepare_output(folder, request.overwrite)
 
@@ -108,7 +111,7 @@ def run_training(request: TrainRequest, run_info: dict[str, Any], progress: Prog
                                                 seed=config.seed, bootstrap=request.bootstrap), progress=progress)
     subsets = [evaluator.run(ds, subset=name) for ds, name in zip(test_sets, eval_subsets)]
     run = {**run_info, **backbone_fields(backbone), "learner": learner.name, "learner_options": learner.options,
-           "checkpoint": str(checkpoint), "dataset": request.dataset, "split": "test",
+           "checkpoint": str(checkpoint), "dataset": sources[0], "split": "test",
            "subset": "base-new" if len(eval_subsets) == 2 else request.subset,
            "templates_name": eval_templates.name, "templates": list(eval_templates.templates),
            "perturbations": [{"label": p.label, "op": p.op, "rate": p.rate, "level": p.level} for p in eval_specs],

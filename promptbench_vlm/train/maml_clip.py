@@ -1,0 +1,311 @@
+"""MAML meta-prompts with gradient clipping (Kim & Ok): learn an initialisation of a learner's
+prompt parameters that adapts well to new classification tasks in a few gradient steps.
+
+Per meta-step, for each task T_i (a set of classes; see `maml_tasks`): the support set D_i and
+query set D'_i are drawn disjointly; the inner loop runs p'_i = p − α ∇_p L(D_i; p) a few times;
+the outer gradient G = ∇_p Σ_i L(D'_i; p'_i) flows back through the inner steps (second order,
+double backward; `first_order` treats the inner gradients as constants, FOMAML), is clipped as
+G · γ / max(‖G‖₂, γ) and applied by Adam with rate β. The result is an ordinary learner
+checkpoint: the meta-prompt, used zero-shot as is or as ``--init`` of any other method.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ..data.base import CorruptImageError, ImageDataset
+from ..errors import UserError
+from ..evaluate import ImageItems, encode_images
+from ..learners.base import PromptLearner
+from ..perturb import fill_template
+from .loop import ProgressFn, TrainConfig, TrainingDiverged, TrainOutcome
+from .maml_tasks import draw_batches, images_by_class, partition_classes, split_task
+from .method import TrainingMethod
+
+Params = dict[str, torch.Tensor]
+Batch = tuple[torch.Tensor, torch.Tensor]
+OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclass
+class Episode:
+    """One task at one meta-step: its class prompts, one support batch per inner step, the query batch.
+
+    Inputs are image features when the learner's image side is frozen, else preprocessed images.
+    """
+
+    texts: list[str]
+    support: list[Batch]
+    query: Batch
+
+
+def default_inner_lr(learner_name: str) -> float:
+    """The paper's inner rate α: 0.025/6, or 0.02/6 for PromptSRC-style deep prompts (ivlp)."""
+    return 0.02 / 6 if learner_name == "ivlp" else 0.025 / 6
+
+
+def clip_gradient(grads: Params, gamma: float) -> tuple[Params, float]:
+    """G · γ / max(‖G‖₂, γ) over all tensors together, and the pre-clip norm ‖G‖₂.
+
+    One global norm (not per tensor) so the clipped step keeps G's direction exactly.
+    """
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())).item()
+    scale = gamma / max(norm, gamma)
+    return {n: g * scale for n, g in grads.items()}, norm
+
+
+@contextlib.contextmanager
+def double_backward_ready(enabled: bool) -> Iterator[None]:
+    """Route attention through the math SDPA kernel, the one with a second derivative
+    (the fused CPU/CUDA kernels have none), when the outer gradient is second order."""
+    if not enabled:
+        yield
+        return
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
+
+
+class TaskInputs:
+    """Model inputs of the training images, by dataset index.
+
+    A frozen image side is encoded once (CoOp, CoCoOp); a learned one (IVLP's vision prompts)
+    needs the preprocessed images at every step. Unreadable images are found up front and left
+    out of every task.
+    """
+
+    def __init__(self, learner: PromptLearner, dataset: ImageDataset, num_workers: int):
+        self.items = ImageItems(dataset, learner.backbone.preprocess)
+        self.device, self.dtype = learner.device, learner.logit_scale.dtype
+        self.features: torch.Tensor | None = None
+        if learner.image_side_learned:
+            self.readable = [i for i in range(len(dataset)) if _readable(dataset, i)]
+        else:
+            feats, _, skipped = encode_images(learner, dataset, batch_size=64, num_workers=num_workers)
+            bad = {s["item"] for s in skipped}
+            self.readable = [i for i in range(len(dataset)) if dataset.describe(i) not in bad]
+            self.features = feats.clone().to(self.dtype)  # clone: leave inference mode for autograd
+            self.row = {i: r for r, i in enumerate(self.readable)}
+
+    def __call__(self, indices: list[int]) -> torch.Tensor:
+        if self.features is not None:
+            return self.features[torch.as_tensor([self.row[i] for i in indices], device=self.features.device)]
+        return torch.stack([self.items[i][0] for i in indices]).to(self.device, self.dtype)
+
+
+def _readable(dataset: ImageDataset, index: int) -> bool:
+    try:
+        dataset.load(index)
+    except CorruptImageError:
+        return False
+    return True
+
+
+class MAMLClip(TrainingMethod):
+    """Meta-prompt learning: second-order MAML over class-subset (or dataset) tasks, clipped outer gradient.
+
+    Options:
+        inner_lr: α; None: 0.025/6 (0.02/6 for ivlp).
+        inner_steps: Inner updates per task (4).
+        inner_batch: Support images per inner step (32; 0 = the whole support set).
+        query_batch: Query images in the outer loss (None: as inner_batch; 0 = the whole query set).
+        support_shots: K, support shots per class (5); the query takes the class's other N − K
+            few-shot images (N = ``--shots``).
+        task_classes: Classes per task; None: 5 with one ``--dataset``, 0 (a whole dataset is one
+            task) with several; 0 = every class of a source.
+        meta_batch: Tasks whose query losses are summed into one outer gradient (1).
+        clip_norm: γ of the clipping (5).
+        first_order: Drop the second-order term (FOMAML).
+        optimizer: "adam" (the paper) or "sgd" (plain p ← p − β G, to see the clipped step itself).
+        template: The training template (default ``{}.``: the learned context is the prompt).
+    """
+
+    name = "maml-clip"
+    learners = ("coop", "cocoop", "ivlp")
+    lr = 0.001
+
+    def __init__(self, learner: PromptLearner, classnames: list[str], inner_lr: float | None = None,
+                 inner_steps: int = 4, inner_batch: int = 32, query_batch: int | None = None, support_shots: int = 5,
+                 task_classes: int | None = None, meta_batch: int = 1, clip_norm: float = 5.0,
+                 first_order: bool = False, optimizer: str = "adam", template: str = "{}."):
+        inner_lr = default_inner_lr(learner.name) if inner_lr is None else float(inner_lr)
+        query_batch = inner_batch if query_batch is None else query_batch
+        super().__init__(learner, classnames, inner_lr=inner_lr, inner_steps=inner_steps, inner_batch=inner_batch,
+                         query_batch=query_batch, support_shots=support_shots, task_classes=task_classes,
+                         meta_batch=meta_batch, clip_norm=clip_norm, first_order=bool(first_order),
+                         optimizer=optimizer, template=template)
+        _check_options(inner_lr, inner_steps, inner_batch, query_batch, support_shots, task_classes, meta_batch,
+                       clip_norm, optimizer)
+        self.inner_lr, self.inner_steps, self.clip_norm = inner_lr, inner_steps, float(clip_norm)
+        self.first_order, self.template = bool(first_order), template
+
+    # --- the learner at other parameter values -------------------------------------------
+    def learned(self) -> Params:
+        """The meta-prompt p: every trainable tensor of the learner, by name."""
+        return {n: p for n, p in self.learner.named_parameters() if p.requires_grad}
+
+    def forward(self, inputs: torch.Tensor, labels: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        """Cross-entropy of one batch over `texts` (one prompt per class); an entry point for
+        `functional_call`, which runs it at adapted parameters p' instead of the learner's own."""
+        learner = self.learner
+        feats = learner.encode_images(inputs) if learner.image_side_learned else inputs
+        if learner.conditional:
+            text = learner.encode_texts(texts, image_features=feats)  # [B, C, D]
+            logits = learner.logit_scale * torch.einsum("bd,bcd->bc", feats, text)
+        else:
+            logits = learner.logit_scale * feats @ learner.encode_texts(texts).T
+        return F.cross_entropy(logits, labels)
+
+    def task_loss(self, point: Params, batch: Batch, texts: list[str]) -> torch.Tensor:
+        """The loss of `batch` with the learner's parameters set to `point`."""
+        return functional_call(self, {f"learner.{n}": t for n, t in point.items()}, (batch[0], batch[1], texts))
+
+    # --- the mathematics ---------------------------------------------------------------------
+    def adapt(self, point: Params, episode: Episode) -> tuple[Params, float]:
+        """The inner loop p' = p − α ∇ L(D; p), `inner_steps` times; also the first support loss.
+
+        Second order keeps each inner gradient's graph (create_graph), so ∂p'/∂p includes the
+        Hessian terms; first order takes the gradients as constants, so ∂p'/∂p = I.
+        """
+        losses = []
+        for batch in episode.support:
+            loss = self.task_loss(point, batch, episode.texts)
+            losses.append(loss.item())
+            grads = torch.autograd.grad(loss, list(point.values()), create_graph=not self.first_order,
+                                        allow_unused=True)
+            point = {n: t if g is None else t - self.inner_lr * g for (n, t), g in zip(point.items(), grads)}
+        return point, losses[0]
+
+    def meta_gradient(self, episodes: list[Episode]) -> tuple[Params, list[float], list[float]]:
+        """G = ∇_p Σ_i L(D'_i; p'_i), one task's graph at a time; also the query and support losses."""
+        params = self.learned()
+        total = {n: torch.zeros_like(p) for n, p in params.items()}
+        query_losses, support_losses = [], []
+        with double_backward_ready(not self.first_order):
+            for episode in episodes:
+                adapted, support_loss = self.adapt(dict(params), episode)
+                loss = self.task_loss(adapted, episode.query, episode.texts)
+                grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+                for (n, acc), g in zip(total.items(), grads):
+                    if g is not None:
+                        acc += g
+                query_losses.append(loss.item())
+                support_losses.append(support_loss)
+        return total, query_losses, support_losses
+
+    def meta_step(self, episodes: list[Episode], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """One outer update: the meta-gradient, clipped, handed to the optimiser; its diagnostics."""
+        grads, query_losses, support_losses = self.meta_gradient(episodes)
+        clipped, norm = clip_gradient(grads, self.clip_norm)
+        if not all(map(math.isfinite, [norm, *query_losses])):  # before the step: the prompt stays good
+            raise TrainingDiverged(f"query losses {query_losses}, meta-gradient norm {norm}")
+        for n, p in self.learned().items():
+            p.grad = clipped[n].to(p.dtype)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return {"loss": sum(query_losses) / len(query_losses), "support_loss": sum(support_losses) / len(support_losses),
+                "grad_norm": norm, "clipped": norm > self.clip_norm, "tasks": len(episodes)}
+
+    def make_optimizer(self, lr: float) -> torch.optim.Optimizer:
+        """Adam with rate β (the paper), or plain SGD (the update is then exactly β times the clipped G)."""
+        params = list(self.learned().values())
+        return torch.optim.Adam(params, lr=lr) if self.options["optimizer"] == "adam" else torch.optim.SGD(params, lr=lr)
+
+    # --- episodic training -------------------------------------------------------------------
+    def episode(self, inputs: TaskInputs, classes: list[int], by_class: dict[int, list[int]], rng: random.Random
+                ) -> Episode:
+        """Draw a task's support/query split and its batches, and fetch their inputs."""
+        split = split_task(classes, by_class, self.options["support_shots"], rng)
+        support = draw_batches(split.support, split.support_labels, self.options["inner_batch"], self.inner_steps, rng)
+        ((query, query_labels),) = draw_batches(split.query, split.query_labels, self.options["query_batch"], 1, rng)
+        device = self.learner.device
+
+        def batch(indices: list[int], labels: list[int]) -> Batch:
+            return inputs(indices), torch.as_tensor(labels, device=device)
+
+        texts = [fill_template(self.template, self.classnames[c])[0] for c in classes]
+        return Episode(texts, [batch(i, y) for i, y in support], batch(query, query_labels))
+
+    def fit(self, dataset: ImageDataset, config: TrainConfig, lr: float, log_path: Path | None = None,
+            on_epoch_end: Callable[[int], None] | None = None, progress: ProgressFn | None = None) -> TrainOutcome:
+        """Episodic meta-training; each epoch partitions the training classes into tasks once
+        (every class in one task), `meta_batch` tasks per meta-step; one JSONL line per meta-step.
+
+        Raises:
+            TrainingDiverged: on a NaN or infinite query loss or meta-gradient, naming the meta-step.
+        """
+        torch.manual_seed(config.seed)
+        rng = random.Random(config.seed)
+        start = time.perf_counter()
+        inputs = TaskInputs(self.learner, dataset, config.num_workers)
+        by_class = images_by_class(dataset.labels, inputs.readable)
+        sources = list(getattr(dataset, "class_sources", [0] * len(dataset.classnames)))
+        task_classes = self.options["task_classes"]
+        task_classes = (5 if len(set(sources)) == 1 else 0) if task_classes is None else task_classes
+        meta_batch = self.options["meta_batch"]
+        optimizer = self.make_optimizer(lr)
+        per_epoch = math.ceil(len(partition_classes(sources, task_classes, random.Random(0))) / meta_batch)
+        outcome = TrainOutcome(skipped_images=len(dataset) - len(inputs.readable))
+        clipped = 0
+        log = log_path.open("a", encoding="utf-8") if log_path else None
+        self.train()
+        try:
+            for epoch in range(1, config.epochs + 1):
+                tasks = partition_classes(sources, task_classes, rng)
+                for first in range(0, len(tasks), meta_batch):
+                    episodes = [self.episode(inputs, t, by_class, rng) for t in tasks[first:first + meta_batch]]
+                    step = len(outcome.losses) + 1
+                    try:
+                        record = self.meta_step(episodes, optimizer)
+                    except TrainingDiverged as err:
+                        raise TrainingDiverged(f"maml-clip diverged at meta-step {step} (epoch {epoch}): {err}; the "
+                                               f"last good checkpoint (end of epoch {epoch - 1}) is kept") from None
+                    outcome.losses.append(record["loss"])
+                    clipped += record["clipped"]
+                    if log:
+                        log.write(json.dumps({"step": step, "epoch": epoch, "lr": lr, **record,
+                                              "clip_rate": clipped / step}) + "\n")
+                    if progress:
+                        progress("train", step, per_epoch * config.epochs)
+                self.on_epoch_end(epoch, config.epochs)
+                if on_epoch_end:
+                    on_epoch_end(epoch)
+            self.finish()
+        finally:
+            if log:
+                log.close()
+            self.eval()
+        outcome.steps = len(outcome.losses)
+        outcome.wall_time_s = time.perf_counter() - start
+        return outcome
+
+
+def _check_options(inner_lr: float, inner_steps: int, inner_batch: int, query_batch: int, support_shots: int,
+                   task_classes: int | None, meta_batch: int, clip_norm: float, optimizer: str) -> None:
+    """Refuse settings that cannot train, with the option named."""
+    problems = [
+        (inner_lr < 0, f"inner_lr must be >= 0, not {inner_lr}"),
+        (inner_steps < 1, f"inner_steps must be >= 1, not {inner_steps}"),
+        (inner_batch < 0 or query_batch < 0, "inner_batch and query_batch must be >= 0 (0 = the whole set)"),
+        (support_shots < 1, f"support_shots must be >= 1, not {support_shots}"),
+        (task_classes is not None and (task_classes < 0 or task_classes == 1),
+         f"task_classes must be 0 (whole source) or >= 2, not {task_classes}"),
+        (meta_batch < 1, f"meta_batch must be >= 1, not {meta_batch}"),
+        (not clip_norm > 0, f"clip_norm must be > 0, not {clip_norm}"),
+        (optimizer not in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, not '{optimizer}'"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise UserError(f"maml-clip: {message}")
