@@ -96,6 +96,20 @@ def test_builtin_learners_are_registered():
     assert {"zeroshot", "coop", "cocoop", "ivlp", "maple"} <= set(LEARNERS.names())
 
 
+def test_zeroshot_short_text_forward_is_open_clip_encode_text(tiny_backbone):
+    """Stopping the causal text forward at the batch's last EOS gives open_clip's own features,
+    for texts of very different lengths in one batch (the reference every exactness test uses)."""
+    zeroshot = build_learner("zeroshot", tiny_backbone)
+    assert zeroshot.short_text_forward
+    texts = ["dog.", "a photo of a dog.", "itap of the big red dog in a dark room.", " ".join(["word"] * 40) + "."]
+    clip = tiny_backbone.model
+    with torch.no_grad():
+        expected = F.normalize(clip.encode_text(tiny_backbone.tokenizer(texts)), dim=-1)
+        got = zeroshot.encode_texts(texts)
+        alone = torch.cat([zeroshot.encode_texts([t]) for t in texts])
+    assert (got - expected).abs().max() <= 1e-5 and (alone - expected).abs().max() <= 1e-5
+
+
 def test_coop_photo_init_with_bare_template_is_zeroshot(tiny_backbone):
     zeroshot = build_learner("zeroshot", tiny_backbone)
     coop = build_learner("coop", tiny_backbone)
@@ -278,6 +292,11 @@ def test_unsupported_towers_are_user_errors(tiny_backbone):
     custom = open_clip.CustomTextCLIP(32, vit_cfg, text_cfg)
     with pytest.raises(UserError, match="CustomTextCLIP"):
         build_learner("coop", tiny_backbone_of(custom, tiny_backbone.tokenizer))
+    ids = torch.tensor([[98, 5, 7, 99] + [0] * 28])  # within the odd tower's 100-token vocabulary
+    zeroshot = build_learner("zeroshot", tiny_backbone_of(custom, lambda texts: ids.expand(len(texts), -1)))
+    assert not zeroshot.short_text_forward  # any other text tower: its own encode_text
+    with torch.no_grad():
+        assert torch.equal(zeroshot.encode_texts(["a dog."]), F.normalize(custom.encode_text(ids), dim=-1))
 
 
 def test_default_depth_is_the_reference_9_capped_at_the_backbone(tiny_backbone):
