@@ -80,6 +80,28 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype:
+    """The compute precision of mixed precision: bf16 where the GPU supports it, else fp16;
+    float32 on the CPU or with AMP off (AMP never runs on the CPU)."""
+    if enabled and device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def precision(device: torch.device, amp: bool) -> str:
+    """Where and in which precision features are computed, e.g. ``cpu-float32``: part of a
+    feature-cache key, since bf16 features differ from float32 ones."""
+    return f"{device.type}-{str(amp_dtype(device, amp)).removeprefix('torch.')}"
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """Autocast to `amp_dtype` on CUDA; a disabled autocast elsewhere."""
+    dtype = amp_dtype(device, enabled)
+    if dtype is torch.float32:
+        return torch.autocast("cpu", enabled=False)
+    return torch.autocast("cuda", dtype=dtype)
+
+
 def _register_model(model: str) -> str:
     """Make `model` known to open_clip; a JSON path registers its config under the file's stem."""
     if model == TOY_MODEL:

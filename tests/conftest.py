@@ -41,6 +41,14 @@ class ColourDataset(ImageDataset):
         return f"colours/{index}"
 
 
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own empty user cache (feature cache), never the real one."""
+    root = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("PROMPTBENCH_CACHE", str(root))
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_backbone() -> Backbone:
     torch.manual_seed(0)

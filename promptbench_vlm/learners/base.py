@@ -19,6 +19,7 @@ from torch import nn
 
 from .. import __version__
 from ..errors import UserError
+from ..files import atomic_path
 
 if TYPE_CHECKING:
     from ..backbone import Backbone
@@ -95,8 +96,6 @@ class PromptLearner(nn.Module):
 
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
         """Write the learned tensors and metadata to a safetensors file."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = {
             "format": CHECKPOINT_FORMAT,
             "learner": self.name,
@@ -108,10 +107,9 @@ class PromptLearner(nn.Module):
         # One sorted JSON string under one key: safetensors keeps metadata in an unordered map,
         # so several keys would make two saves of the same tensors differ byte for byte.
         metadata = {METADATA_KEY: json.dumps(meta, sort_keys=True)}
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        save_file(self.learned_state(), str(tmp), metadata=metadata)
-        tmp.replace(path)
-        return path
+        with atomic_path(path) as tmp:
+            save_file(self.learned_state(), str(tmp), metadata=metadata)
+        return Path(path)
 
     def load_learned_state(self, tensors: dict[str, torch.Tensor], source: str) -> None:
         """Copy `tensors` into the learned parameters, with clear errors on any mismatch."""

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 from collections import defaultdict
 from pathlib import Path
 
 from ..data.base import ImageDataset, SubsetDataset
+from ..files import atomic_path, cache_root
 
-DEFAULT_CACHE = Path(os.environ.get("PROMPTBENCH_CACHE", Path.home() / ".cache" / "promptbench_vlm")) / "fewshot"
+DEFAULT_CACHE = cache_root() / "fewshot"
 
 
 def sample_indices(labels: list[int], shots: int, seed: int) -> list[int]:
@@ -46,8 +46,6 @@ def few_shot(dataset: ImageDataset, shots: int, seed: int, cache_dir: Path | Non
     if indices is None or any(not 0 <= i < len(dataset) for i in indices):
         indices = sample_indices(dataset.labels, shots, seed)
         if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"dataset": dataset.name, "shots": shots, "seed": seed, "indices": indices}))
-            tmp.replace(cache)
+            with atomic_path(cache) as tmp:
+                tmp.write_text(json.dumps({"dataset": dataset.name, "shots": shots, "seed": seed, "indices": indices}))
     return SubsetDataset(dataset, indices, range(len(dataset.classnames)), f"{shots}shot-seed{seed}")

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from ..backbone import autocast
 from ..data.base import ImageDataset
 from ..errors import UserError
 from ..evaluate import ImageItems, collate_skipping, encode_images
@@ -79,13 +80,6 @@ def lr_at(step: int, total: int, warmup: int, config: TrainConfig, peak: float) 
     return 0.5 * peak * (1 + math.cos(math.pi * progress))
 
 
-def _autocast(device: torch.device, enabled: bool):
-    if enabled and device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return torch.autocast("cpu", enabled=False)
-
-
 def train(
     method: TrainingMethod,
     dataset: ImageDataset,
@@ -129,6 +123,7 @@ def train(
         generator=torch.Generator().manual_seed(config.seed),
         num_workers=config.num_workers,
         collate_fn=collate_skipping,
+        pin_memory=device.type == "cuda",
     )
     batches_per_epoch = len(loader)
     total_steps = math.ceil(config.epochs * batches_per_epoch / config.accumulate)
@@ -147,7 +142,7 @@ def train(
                 labels = torch.as_tensor([dataset.labels[i] for i in indices], device=device)
                 images = images.to(device, non_blocking=True)
                 feats = cached[torch.as_tensor(indices, device=cached.device)] if cached is not None else None
-                with _autocast(device, config.amp):
+                with autocast(device, config.amp):
                     loss, diagnostics = method.loss(images, labels, feats)
                 if not torch.isfinite(loss):
                     raise TrainingDiverged(

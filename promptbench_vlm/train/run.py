@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import distributed
 from ..backbone import load_backbone
 from ..data import DatasetOptions, load_dataset
 from ..errors import UserError
 from ..evaluate import EvalSettings, Evaluator, ProgressFn
+from ..files import atomic_path
 from ..learners import build_learner, load_learner_checkpoint
 from ..perturb import parse_perturbations
 from ..results import backbone_fields, build_result, write_json
@@ -69,6 +71,9 @@ def run_training(request: TrainRequest, run_info: dict[str, Any], progress: Prog
     """Train, checkpoint and evaluate; return the result document (also written to disk)."""
     import torch
 
+    if distributed.launched():
+        raise UserError("promptbench train is not data-parallel yet: under torchrun every rank would train its own "
+                        "copy into one folder; run it as a single process")
     folder = Path(request.output)
     config = request.config
     if config.epochs < 1 or config.batch_size < 1 or config.accumulate < 1:
@@ -97,7 +102,8 @@ def run_training(request: TrainRequest, run_info: dict[str, Any], progress: Prog
     method = build_method(request.method, learner, train_data.classnames, request.method_options)
     lr = config.lr if config.lr is not None else getattr(method, "default_lr", lambda _: method.lr)(learner.name)
     settings = {"request": _jsonable(request), "lr": lr, "train_images": len(train_data)}
-    (folder / SETTINGS).write_text(json.dumps(settings, indent=2))
+    with atomic_path(folder / SETTINGS) as tmp:
+        tmp.write_text(json.dumps(settings, indent=2))
 
     extra = {"method": request.method, "method_options": method.options, "train": config.to_dict(), "lr": lr,
              "dataset": request.dataset, "subset": request.subset, "shots": request.shots}

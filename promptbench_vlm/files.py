@@ -1,0 +1,40 @@
+"""File-system helpers shared by every writer: atomic replacement and the user cache folder.
+
+Every file this package writes (result JSON and CSV, checkpoints, run settings, cache entries)
+goes through `atomic_path`, so a crash or a kill never leaves half a file where a reader looks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success rename it onto `path`, else remove it.
+
+    The temporary file lives in the same folder, so the final rename is atomic on POSIX.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def cache_root() -> Path:
+    """The user cache folder: ``$PROMPTBENCH_CACHE``, else ``$XDG_CACHE_HOME/promptbench_vlm``,
+    else ``~/.cache/promptbench_vlm``. Read at call time so tests and users can redirect it."""
+    if os.environ.get("PROMPTBENCH_CACHE"):
+        return Path(os.environ["PROMPTBENCH_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "promptbench_vlm"

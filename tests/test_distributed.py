@@ -1,0 +1,81 @@
+"""torchrun data parallelism on the CPU (gloo, 2 processes) gives the single-process result."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import COLOURS, ColourDataset, colour_image
+from test_cli import run_cli
+from test_evaluate import ConditionalLearner
+from test_resume import comparable, evaluate_args
+
+from promptbench_vlm.evaluate import build_prompt_table, encode_images, merge_scores, score_conditional
+from promptbench_vlm.perturb import load_lexicon, parse_perturbations
+from promptbench_vlm.results import read_result
+
+
+@pytest.fixture
+def large_folder(tmp_path):
+    """65 images per class: 260 images, two cache chunks, so both ranks encode images."""
+    root = tmp_path / "colours"
+    for c, (name, rgb) in enumerate(COLOURS.items()):
+        (root / name).mkdir(parents=True)
+        for i in range(65):
+            colour_image(rgb, seed=100 * c + i).save(root / name / f"{i}.png")
+    return root
+
+
+def test_two_gloo_processes_match_one(monkeypatch, capsys, large_folder, tmp_path):
+    cache_dir = tmp_path / "cache"
+    args = evaluate_args(large_folder, tmp_path, "--batch-size", "64", "--device", "cpu")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+         "promptbench_vlm", *args, "--cache-dir", str(cache_dir), "--output", str(tmp_path / "two.json")],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("accuracy, mean over templates") == 1  # only rank 0 prints
+    two = read_result(tmp_path / "two.json")
+    assert two["subsets"]["all"]["counts"]["images_encoded"] == 260
+    assert len(list((cache_dir / "images").rglob("*.safetensors"))) == 2
+
+    code, _, err = run_cli(monkeypatch, capsys, *args, "--no-cache", "--output", str(tmp_path / "one.json"))
+    assert code == 0, err
+    assert comparable(tmp_path / "two.json") == comparable(tmp_path / "one.json")
+
+    # the cache the two ranks wrote is whole: one process then encodes nothing
+    code, _, err = run_cli(monkeypatch, capsys, *args, "--cache-dir", str(cache_dir), "--output",
+                           str(tmp_path / "warm.json"))
+    assert code == 0, err
+    counts = read_result(tmp_path / "warm.json")["subsets"]["all"]["counts"]
+    assert counts["images_encoded"] == counts["texts_encoded"] == 0
+    assert comparable(tmp_path / "warm.json") == comparable(tmp_path / "one.json")
+
+
+def test_merged_image_shards_of_a_conditional_learner_equal_the_whole(tiny_backbone):
+    learner = ConditionalLearner(tiny_backbone)
+    dataset = ColourDataset()
+    feats, labels_np, _ = encode_images(learner, dataset)
+    labels = torch.as_tensor(labels_np)
+    table = build_prompt_table(("a photo of a {}.", "itap of the {}."), dataset.classnames,
+                               parse_perturbations("drop:strong,shuffle:weak"), 2, 0, load_lexicon())
+    whole = score_conditional(learner, feats, labels, table, 512)
+    halves = [score_conditional(learner, feats[s], labels[s], table, 512) for s in (slice(0, 5), slice(5, 12))]
+    merged = merge_scores([halves[0], None, halves[1]], [5, 0, 7], conditional=True)
+    for name in ("pred", "p_true", "cos_true"):
+        np.testing.assert_allclose(getattr(merged.clean, name), getattr(whole.clean, name), atol=1e-6)
+    np.testing.assert_array_equal(merged.pred_ens, whole.pred_ens)
+    for got, expected in zip(merged.pert_pred + merged.text_cos, whole.pert_pred + whole.text_cos):
+        np.testing.assert_allclose(got, expected, atol=1e-6)
+    assert merged.texts_encoded == whole.texts_encoded
+
+
+def test_train_under_torchrun_is_refused_in_one_line(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--epochs", "1")
+    assert code == 2 and "not data-parallel yet" in err and "Traceback" not in err
