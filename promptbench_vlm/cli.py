@@ -19,6 +19,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import __version__
@@ -114,17 +115,30 @@ def evaluate(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     output: Annotated[str, typer.Option(help="Result JSON path; fields {learner} {dataset} {split} {subset} {model} {seed} {time}.")] = DEFAULT_OUTPUT,
     csv: Annotated[Optional[Path], typer.Option(help="Also export the result as CSV here.")] = None,
+    cache: Annotated[bool, typer.Option(help="Keep image and prompt features on disk and reuse them across runs.")] = True,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Feature cache folder (default: $PROMPTBENCH_CACHE or the user cache dir, /features).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run with the same options and --output: keep its finished subsets.")] = False,
+    amp: Annotated[bool, typer.Option(help="Mixed precision on CUDA (never on CPU).")] = True,
 ) -> None:
-    """Score a prompt learner over templates and text perturbations; print the table, write the JSON."""
+    """Score a prompt learner over templates and text perturbations; print the table, write the JSON.
+
+    Under torchrun every rank runs this body on its share of the work; only rank 0 writes and prints.
+    """
+    from . import distributed
     from .backbone import load_backbone
+    from .cache import FeatureCache
     from .data import SUBSETS, DatasetOptions, load_dataset
     from .evaluate import EvalSettings, Evaluator
+    from .files import cache_root
     from .learners import LEARNERS, build_learner, is_checkpoint, load_learner_checkpoint
     from .perturb import load_lexicon, parse_perturbations
     from .report import render
-    from .results import backbone_fields, build_result, write_csv, write_json
+    from .results import backbone_fields, build_result, read_result, write_csv, write_json
+    from .resume import Terminated, find_previous, finished_subsets, sigterm_interrupts
     from .templates import load_templates
 
+    device = distributed.setup(device)
+    main = distributed.is_main()
     subsets = ["base", "new"] if subset == "base-new" else [subset]
     if subsets[0] not in SUBSETS:
         raise UserError(f"unknown subset '{subset}'. Valid: all, base, new, base-new")
@@ -138,14 +152,15 @@ def evaluate(
     if not is_checkpoint(learner):
         LEARNERS.get(learner)  # an unknown name fails here, before any model loads
     backbone = load_backbone(model, pretrained, device)
-    if backbone.pretrained is None and backbone.name != "toy-clip":
+    if backbone.pretrained is None and backbone.name != "toy-clip" and main:
         console.print(f"[yellow]warning:[/] no --pretrained given: {backbone.name} is randomly initialised")
     if is_checkpoint(learner):
         prompt_learner = load_learner_checkpoint(learner, backbone)
     else:
         prompt_learner = build_learner(learner, backbone, parse_options(learner_opt))
     settings = EvalSettings(templates=template_set.templates, perturbations=tuple(specs), draws=draws, seed=seed,
-                            bootstrap=bootstrap, batch_size=batch_size, num_workers=num_workers, lexicon=lex)
+                            bootstrap=bootstrap, batch_size=batch_size, num_workers=num_workers, lexicon=lex,
+                            amp=amp)
     run = {
         **environment_info(),
         **backbone_fields(backbone),
@@ -168,22 +183,53 @@ def evaluate(
         "device": str(backbone.device),
         "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    path = output_path(output, learner=prompt_learner.name, dataset=dataset, split=split, subset=subset,
-                       model=backbone.name, seed=str(seed), time=dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    fields = dict(learner=prompt_learner.name, dataset=dataset, split=split, subset=subset, model=backbone.name,
+                  seed=str(seed))
+    stamp = distributed.broadcast(dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    path = output_path(output, **fields, time=stamp)
+    earlier: dict = {}
+    if resume:
+        pattern = str(output_path(output, **fields, time="RESUMETIME")).replace("RESUMETIME", "*")
+        previous = distributed.main_only(lambda: find_previous(pattern, run))  # ranks' run fields may differ
+        earlier, complete = finished_subsets(previous)
+        if complete:
+            if main:
+                render(read_result(previous))
+                console.print(f"{previous} is already complete: nothing to resume", highlight=False, soft_wrap=True)
+            return
+        path = previous or path
+        if main:
+            console.print(f"resuming {path}: {len(earlier)} finished subset(s) kept" if previous
+                          else "--resume: no earlier result of this evaluation found; starting afresh",
+                          highlight=False, soft_wrap=True)
+
+    def warn(message: str) -> None:
+        if main:
+            console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+    features = FeatureCache(cache_dir or cache_root() / "features", warn=warn) if cache else None
     finished: list = []
     with Progress(TextColumn("{task.description:>13}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as progress:
-        evaluator = Evaluator(prompt_learner, settings, progress=_Bars(progress))
+                  console=console, transient=True, disable=not main) as progress, sigterm_interrupts():
+        evaluator = Evaluator(prompt_learner, settings, progress=_Bars(progress), cache=features, split=split)
         try:
             for ds, name in zip(datasets, subsets):
+                if name in earlier:
+                    continue
                 evaluator.run(ds, subset=name, partial=finished)
-        except KeyboardInterrupt:
+                if main and len(earlier) + len(finished) < len(subsets):  # a finished unit survives any kill
+                    write_json(build_result(run, finished, complete=False, earlier=earlier), path)
+        except KeyboardInterrupt as interrupt:
             run["wall_time_s"] = time.perf_counter() - started
-            write_json(build_result(run, finished, complete=False), path)
-            console.print(f"interrupted: partial results written to {path}")
-            raise typer.Exit(130) from None
+            if main:
+                write_json(build_result(run, finished, complete=False, earlier=earlier), path)
+                console.print(f"interrupted: partial results written to {path}; --resume continues it",
+                              highlight=False, soft_wrap=True)
+            raise typer.Exit(143 if isinstance(interrupt, Terminated) else 130) from None
     run["wall_time_s"] = time.perf_counter() - started
-    doc = build_result(run, finished)
+    if not main:
+        return
+    doc = build_result(run, finished, earlier=earlier)
     write_json(doc, path)
     render(doc)
     if csv:
@@ -256,16 +302,112 @@ def train(
 def report(
     file: Annotated[Path, typer.Argument(help="A result JSON written by `promptbench evaluate`.")],
     csv: Annotated[Optional[Path], typer.Option(help="Export the result as CSV here.")] = None,
+    plot: Annotated[bool, typer.Option(help="Also write PNG figures and a markdown report into FILE-plots/ (needs the [plot] extra).")] = False,
 ) -> None:
-    """Re-render a saved result file; optionally export it as CSV."""
+    """Re-render a saved result file; optionally export it as CSV and plot it."""
     from .report import render
     from .results import read_result, write_csv
 
+    if plot:
+        from .compare.plots import pyplot
+
+        pyplot()  # without matplotlib: one line saying what to install, before anything else
     doc = read_result(file)
     render(doc)
     if csv:
         write_csv(doc, csv)
         console.print(f"wrote {csv}")
+    if plot:
+        from .compare.markdown import write_markdown
+        from .compare.plots import all_plots
+        from .compare.stats import Group, summarise
+
+        run = doc["run"]
+        group = Group((run.get("training") or {}).get("method", run["learner"]), run["learner"], run["dataset"],
+                      {run.get("seed", 0): doc})
+        summary = summarise(group, n_resamples=run.get("bootstrap", 1000), seed=run.get("seed", 0))
+        folder = file.parent / f"{file.stem}-plots"
+        paths = all_plots([summary], folder)
+        md = write_markdown(folder / "report.md", f"{group.label} on {run['dataset']}", [f"result file: {file}"],
+                            [summary], [], [], paths)
+        console.print(f"wrote {len(paths)} figures and {md}")
+
+
+@app.command()
+def compare(
+    sweep: Annotated[Optional[Path], typer.Argument(help="Sweep TOML file (docs/compare.md); flags override its keys.")] = None,
+    method: Annotated[list[str], typer.Option("--method", help="Method to compare, repeatable; 'zeroshot' = no training.")] = [],
+    learner: Annotated[list[str], typer.Option("--learner", help="Learner, repeatable (pairs that do not fit are left out).")] = [],
+    dataset: Annotated[list[str], typer.Option("--dataset", help="Dataset spec, repeatable.")] = [],
+    seed: Annotated[list[int], typer.Option("--seed", help="Seed, repeatable (default 1, 2, 3).")] = [],
+    shots: Annotated[Optional[int], typer.Option(help="Images per class (default 16).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Training epochs (default 5).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Training batch size (default 8).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (default: each method's own).")] = None,
+    templates: Annotated[Optional[str], typer.Option(help="Evaluation template set (default promptsrc60).")] = None,
+    perturb: Annotated[Optional[str], typer.Option(help="Evaluation perturbations (default 'default').")] = None,
+    bootstrap: Annotated[Optional[int], typer.Option(help="Bootstrap resamples for intervals and tests (default 1000).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Backbone (default toy-clip).")] = None,
+    pretrained: Annotated[Optional[str], typer.Option(help="Pretrained tag or local weights file.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N")] = None,
+    output: Annotated[Optional[str], typer.Option(help="Folder of the runs, summary and report (default runs/compare).")] = None,
+    reference: Annotated[Optional[str], typer.Option(help="METHOD or METHOD/LEARNER the others are tested against (default zeroshot, else the first method).")] = None,
+    skip_existing: Annotated[bool, typer.Option(help="Reuse finished runs (resume an interrupted sweep).")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Rerun finished runs.")] = False,
+    plot: Annotated[bool, typer.Option(help="Write PNG figures into the report (needs the [plot] extra).")] = False,
+) -> None:
+    """Run methods x learners x datasets x seeds and report them side by side, with paired tests."""
+    from .compare.grid import load_groups, run_grid
+    from .compare.markdown import write_markdown
+    from .compare.stats import compare_to_reference, summarise
+    from .compare.sweep import build_sweep, read_sweep_file
+    from .compare.tables import headline_table, paired_table, runs_table, to_rich
+
+    if plot:
+        from .compare.plots import all_plots, pyplot
+
+        pyplot()  # fail before an hour of training, not after
+    values = read_sweep_file(sweep) if sweep else {}
+    flags = {"methods": method, "learners": learner, "datasets": dataset, "seeds": seed, "shots": shots,
+             "epochs": epochs, "batch_size": batch_size, "lr": lr, "templates": templates, "perturb": perturb,
+             "bootstrap": bootstrap, "model": model, "pretrained": pretrained, "device": device, "output": output,
+             "reference": reference}
+    values.update({k: v for k, v in flags.items() if v not in (None, [])})
+    spec = build_sweep(values)
+
+    def announce(record) -> None:
+        note = f": {record.error}" if record.error else ""
+        console.print(f"{record.status:>11} {record.method}/{record.learner}/{record.dataset}/seed{record.seed} "
+                      f"({record.wall_time_s:.0f} s){note}", highlight=False)
+
+    with Progress(TextColumn("{task.description:>13}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:
+        records, left_out = run_grid(spec, environment_info(), skip_existing=skip_existing, overwrite=overwrite,
+                                     progress=_Bars(progress), on_record=announce)
+    groups = load_groups(records)
+    if not groups:
+        raise UserError(f"no run finished; see {spec.output}/summary.json for each run's error")
+    order = {m: i for i, m in enumerate(spec.methods)}
+    groups.sort(key=lambda g: (g.dataset, order[g.method], g.learner))
+    summaries = [summarise(g, spec.bootstrap) for g in groups]
+    comparisons = compare_to_reference(summaries, spec.reference_name(), spec.bootstrap)
+    out = Console(width=160)
+    out.print(to_rich(headline_table(summaries)))
+    if comparisons:
+        out.print(to_rich(paired_table(comparisons, clean_only=True)))
+    failed = runs_table(records)
+    if failed.rows:
+        out.print(to_rich(failed))
+    folder = Path(spec.output)
+    paths = all_plots(summaries, folder / "plots") if plot else []
+    setup = [f"sweep: {sweep or 'flags'}; reference: {spec.reference_name()}",
+             f"model {spec.model}; datasets {', '.join(spec.datasets)}; seeds {spec.seeds}; {spec.shots} shots; "
+             f"{spec.epochs} epochs; templates {spec.templates}; perturbations {spec.perturb}",
+             f"runs: {sum(r.status in ('done', 'existing') for r in records)} finished, "
+             f"{sum(r.status == 'failed' for r in records)} failed"
+             + (f"; left out (method does not fit the learner): {', '.join(left_out)}" if left_out else "")]
+    md = write_markdown(folder / "report.md", "promptbench comparison", setup, summaries, comparisons, records, paths)
+    console.print(f"wrote {md} and {folder / 'summary.json'}")
 
 
 @app.command("list")
@@ -305,7 +447,7 @@ def main() -> None:
     try:
         code = app(standalone_mode=False)  # returns the code of a typer.Exit raised by a command
     except UserError as err:
-        console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         sys.exit(130)

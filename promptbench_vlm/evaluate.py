@@ -8,7 +8,7 @@ Only per-template arrays ``[T, N]`` (and ``[T, R, N]`` per perturbation) reach `
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from . import metrics
+from . import distributed, metrics
+from .backbone import autocast, precision
+from .cache import CHUNK_IMAGES, SEGMENT_TEXTS, FeatureCache, image_key, text_key
 from .data.base import CorruptImageError, ImageDataset
 from .errors import UserError
 from .learners.base import PromptLearner
@@ -42,6 +44,7 @@ class EvalSettings:
         text_batch_size: Prompt strings per text-encoder batch.
         num_workers: DataLoader workers for image decoding.
         lexicon: Perturbation lexicon; None uses the shipped one.
+        amp: Mixed precision on CUDA (bf16 where supported, else fp16); never on the CPU.
     """
 
     templates: tuple[str, ...]
@@ -53,6 +56,7 @@ class EvalSettings:
     text_batch_size: int = 512
     num_workers: int = 0
     lexicon: Lexicon | None = None
+    amp: bool = True
 
 
 @dataclass
@@ -77,6 +81,8 @@ class SubsetResult:
     perturbations: list[PerturbationResult] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
+    per_image: dict = field(default_factory=dict)
+    """Compact per-image values for paired comparisons of learners (`per_image_counts`)."""
 
 
 @dataclass
@@ -158,7 +164,102 @@ def collate_skipping(batch):
     return images, [i for _, i in good], bad
 
 
+@dataclass
+class ImageFeatures:
+    """The features of every readable image of a dataset, and where they came from.
+
+    Attributes:
+        features: ``[N', D]`` float32 on the learner's device, in dataset order.
+        labels: ``[N']`` labels of the images kept.
+        skipped: The unreadable images as ``{"item", "error"}`` records.
+        encoded: Images run through the image encoder (over all ranks).
+        cached: Images whose features came from the feature cache.
+    """
+
+    features: torch.Tensor
+    labels: np.ndarray
+    skipped: list[dict[str, str]]
+    encoded: int
+    cached: int
+
+
 @torch.inference_mode()
+def _encode_chunks(learner: PromptLearner, dataset: ImageDataset, chunks: list[range], batch_size: int,
+                   num_workers: int, amp: bool, progress: ProgressFn | None = None
+                   ) -> Iterator[tuple[range, torch.Tensor, list[int], list[dict[str, str]]]]:
+    """Encode the readable images of each chunk, yielding each chunk as soon as it is done.
+
+    One loader serves all chunks (workers start once); its batches never cross a chunk.
+    """
+    batches = [list(chunk[b : b + batch_size]) for chunk in chunks for b in range(0, len(chunk), batch_size)]
+    loader = DataLoader(
+        ImageItems(dataset, learner.backbone.preprocess),
+        batch_sampler=batches,
+        num_workers=num_workers,
+        collate_fn=collate_skipping,
+        pin_memory=learner.device.type == "cuda",
+    )
+    batch_iter, total, done = iter(loader), sum(len(c) for c in chunks), 0
+    for chunk in chunks:
+        feats, kept, skipped = [], [], []
+        while len(kept) + len(skipped) < len(chunk):
+            images, indices, bad = next(batch_iter)
+            skipped += [{"item": dataset.describe(i), "error": err} for i, err in bad]
+            if images is not None:
+                with autocast(learner.device, amp):
+                    feats.append(learner.encode_images(images.to(learner.device, non_blocking=True)).float().cpu())
+                kept += indices
+            done += len(indices) + len(bad)
+            if progress:
+                progress("images", done, total)
+        yield chunk, (torch.cat(feats) if feats else torch.empty(0, 0)), kept, skipped
+
+
+def image_features(
+    learner: PromptLearner,
+    dataset: ImageDataset,
+    batch_size: int = 128,
+    num_workers: int = 0,
+    progress: ProgressFn | None = None,
+    cache: FeatureCache | None = None,
+    split: str = "",
+    amp: bool = True,
+) -> ImageFeatures:
+    """Encode every readable image once, in chunks of `CHUNK_IMAGES` images.
+
+    A chunk is the unit of caching, of resuming and of sharding: under torchrun each rank takes
+    every world-th chunk and the chunks are gathered back in order. Batches never cross a chunk,
+    so one process and N processes run the very same batches.
+    """
+    n = len(dataset)
+    chunks = [range(s, min(s + CHUNK_IMAGES, n)) for s in range(0, n, CHUNK_IMAGES)]
+    key = image_key(learner, dataset, split, precision(learner.device, amp)) if cache else None
+    parts: dict[int, tuple[torch.Tensor, list[int], list[dict[str, str]], bool]] = {}
+    todo = []
+    for c in distributed.shard(range(len(chunks))):
+        hit = cache.load_images(key, chunks[c].start, chunks[c].stop) if cache else None
+        if hit is None:
+            todo.append(chunks[c])
+        else:
+            parts[c] = (*hit, True)
+    for chunk, feats, kept, skipped in _encode_chunks(learner, dataset, todo, min(batch_size, CHUNK_IMAGES),
+                                                      num_workers, amp, progress):
+        if cache:
+            cache.store_images(key, chunk.start, chunk.stop, feats, kept, skipped)
+        parts[chunk.start // CHUNK_IMAGES] = (feats, kept, skipped, False)
+    for other in distributed.gather(parts):
+        parts.update(other)
+    ordered = [parts[c] for c in range(len(chunks))]
+    kept = [i for _, indices, _, _ in ordered for i in indices]
+    skipped = [record for _, _, bad, _ in ordered for record in bad]
+    if not kept:
+        raise UserError(f"no readable image in dataset {dataset.name} ({len(skipped)} corrupt)")
+    features = torch.cat([f for f, indices, _, _ in ordered if indices]).to(learner.device)
+    cached = sum(len(indices) for _, indices, _, hit in ordered if hit)
+    labels = np.asarray([dataset.labels[i] for i in kept], dtype=np.int64)
+    return ImageFeatures(features, labels, skipped, encoded=len(kept) - cached, cached=cached)
+
+
 def encode_images(
     learner: PromptLearner,
     dataset: ImageDataset,
@@ -166,46 +267,69 @@ def encode_images(
     num_workers: int = 0,
     progress: ProgressFn | None = None,
 ) -> tuple[torch.Tensor, np.ndarray, list[dict[str, str]]]:
-    """Encode every readable image once.
+    """Encode every readable image once, without a cache.
 
     Returns:
         features ``[N', D]`` (float32, on the learner's device), labels ``[N']`` of the images
         kept, and the skipped images as ``{"item", "error"}`` records.
     """
-    loader = DataLoader(
-        ImageItems(dataset, learner.backbone.preprocess),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        collate_fn=collate_skipping,
-        pin_memory=learner.device.type == "cuda",
-    )
-    feats, kept, skipped = [], [], []
-    done = 0
-    for images, indices, bad in loader:
-        skipped += [{"item": dataset.describe(i), "error": err} for i, err in bad]
-        if images is not None:
-            feats.append(learner.encode_images(images.to(learner.device, non_blocking=True)).float())
-            kept += indices
-        done += len(indices) + len(bad)
-        if progress:
-            progress("images", done, len(dataset))
-    if not feats:
-        raise UserError(f"no readable image in dataset {dataset.name} ({len(skipped)} corrupt)")
-    labels = np.asarray([dataset.labels[i] for i in kept], dtype=np.int64)
-    return torch.cat(feats), labels, skipped
+    out = image_features(learner, dataset, batch_size, num_workers, progress)
+    return out.features, out.labels, out.skipped
 
 
 @torch.inference_mode()
 def encode_texts(
-    learner: PromptLearner, texts: Sequence[str], batch_size: int = 512, progress: ProgressFn | None = None
+    learner: PromptLearner, texts: Sequence[str], batch_size: int = 512, progress: ProgressFn | None = None,
+    amp: bool = True,
 ) -> torch.Tensor:
     """Encode each string once, in batches: ``[M, D]`` float32 on the learner's device."""
     out = []
     for start in range(0, len(texts), batch_size):
-        out.append(learner.encode_texts(list(texts[start : start + batch_size])).float())
+        with autocast(learner.device, amp):
+            out.append(learner.encode_texts(list(texts[start : start + batch_size])).float())
         if progress:
             progress("texts", min(start + batch_size, len(texts)), len(texts))
-    return torch.cat(out)
+    return torch.cat(out) if out else torch.empty(0, 0, device=learner.device)
+
+
+def text_features(
+    learner: PromptLearner,
+    texts: Sequence[str],
+    batch_size: int = 512,
+    progress: ProgressFn | None = None,
+    cache: FeatureCache | None = None,
+    amp: bool = True,
+) -> tuple[torch.Tensor, int, int]:
+    """Features ``[M, D]`` of unique prompt strings, from the cache where present.
+
+    The strings still missing are split in contiguous blocks across ranks and encoded in
+    segments of `cache.SEGMENT_TEXTS`, each written to the cache as soon as it is done.
+
+    Returns:
+        The features (float32, on the learner's device), the number of strings encoded (over
+        all ranks) and the number taken from the cache.
+    """
+    key = text_key(learner, precision(learner.device, amp)) if cache else None
+    found = cache.load_texts(key, texts) if cache else {}
+    # every rank must agree on what is missing, whatever it found (entries may appear meanwhile)
+    missing_anywhere = set().union(*distributed.gather({t for t in texts if t not in found}))
+    missing = [t for t in texts if t in missing_anywhere]
+    n_cached = len(texts) - len(missing)
+    block = [missing[i] for i in distributed.shard_range(len(missing))]
+    encoded: list[torch.Tensor] = []
+    for s0 in range(0, len(block), SEGMENT_TEXTS):
+        segment = block[s0 : s0 + SEGMENT_TEXTS]
+        step = (lambda stage, done, _total, s0=s0: progress(stage, s0 + done, len(block))) if progress else None
+        feats = encode_texts(learner, segment, batch_size, step, amp).cpu()
+        if cache:
+            cache.store_texts(key, segment, feats)
+        encoded.append(feats)
+    # one tensor per rank: rows of a tensor would each carry (and pickle) its whole storage
+    for texts_r, feats_r in distributed.gather((block, torch.cat(encoded) if encoded else None)):
+        if feats_r is not None:
+            found.update(zip(texts_r, feats_r))
+    rows = [found[t] for t in texts]
+    return torch.stack(rows).to(learner.device), len(missing), n_cached
 
 
 @dataclass
@@ -255,10 +379,9 @@ class Scores:
 
 
 def score_shared_text(learner: PromptLearner, image_feats: torch.Tensor, labels: torch.Tensor, table: PromptTable,
-                      text_batch_size: int, progress: ProgressFn | None = None) -> Scores:
-    """Scores for learners whose text features do not depend on the image: each unique prompt
-    string is encoded once, then logits are streamed in blocks."""
-    text_feats = encode_texts(learner, table.texts, text_batch_size, progress)
+                      text_feats: torch.Tensor, texts_encoded: int) -> Scores:
+    """Scores for learners whose text features do not depend on the image: the features of
+    each unique prompt string (`text_features`) are indexed, then logits are streamed in blocks."""
     scale = float(learner.logit_scale)
     clean_feats = text_feats[torch.as_tensor(table.clean, device=text_feats.device)]  # [T, C, D]
     clean = score_templates(image_feats, labels, clean_feats, scale)
@@ -271,12 +394,12 @@ def score_shared_text(learner: PromptLearner, image_feats: torch.Tensor, labels:
         pert_feats = text_feats[rows.reshape(n_t * n_r, n_c)]  # [T*R, C, D]
         pert_pred.append(score_templates(image_feats, labels, pert_feats, scale).pred.reshape(n_t, n_r, -1))
         text_cos.append((pert_feats.view(n_t, n_r, n_c, -1) * clean_feats.unsqueeze(1)).sum(-1).cpu().numpy())
-    return Scores(clean, pred_ens, pert_pred, text_cos, len(table.texts))
+    return Scores(clean, pred_ens, pert_pred, text_cos, texts_encoded)
 
 
 @torch.inference_mode()
 def score_conditional(learner: PromptLearner, image_feats: torch.Tensor, labels: torch.Tensor, table: PromptTable,
-                      text_batch_size: int, progress: ProgressFn | None = None) -> Scores:
+                      text_batch_size: int, progress: ProgressFn | None = None, amp: bool = True) -> Scores:
     """Scores for image-conditional learners (CoCoOp): text features are computed per image.
 
     Images are taken in chunks and templates one at a time; for each (chunk, template) the
@@ -300,7 +423,8 @@ def score_conditional(learner: PromptLearner, image_feats: torch.Tensor, labels:
         ensemble = torch.zeros(v.shape[0], n_c, v.shape[1], device=v.device)
         for t in range(n_t):
             unique, inverse = np.unique(rows_per_t[t], return_inverse=True)
-            feats = learner.encode_texts([table.texts[i] for i in unique], image_features=v).float()  # [n, U, D]
+            with autocast(v.device, amp):  # features [n, U, D]
+                feats = learner.encode_texts([table.texts[i] for i in unique], image_features=v).float()
             encoded += v.shape[0] * len(unique)
             per_row = feats[:, torch.as_tensor(inverse.reshape(rows_per_t[t].shape), device=v.device)]  # [n, 1+K*R, C, D]
             clean = per_row[:, 0]
@@ -323,19 +447,73 @@ def score_conditional(learner: PromptLearner, image_feats: torch.Tensor, labels:
     return Scores(clean_scores, pred_ens, pert_pred, [c / n_images for c in text_cos], encoded)
 
 
+def per_image_counts(clean: TemplateScores, pert_pred: list[np.ndarray], labels: np.ndarray,
+                     specs: Sequence[PerturbSpec]) -> dict:
+    """Per-image values as small integers, so a result file can hold them for paired tests.
+
+    ``correct`` counts the templates (of T) that classify each image right, ``sensitivity`` is
+    Var_t p_true (rounded to 1e-8); per perturbation, ``correct`` and ``preserved`` (prediction
+    equal to the clean one of the same template) count over T x R. Every per-image headline
+    metric of `metrics.per_image_clean` / `per_image_perturbation` follows from these exactly.
+    """
+    sensitivity = metrics.per_image_clean(clean.pred, clean.p_true, labels)["sensitivity"]
+    return {
+        "labels": labels.tolist(),
+        "correct": np.count_nonzero(clean.pred == labels, axis=0).tolist(),
+        "sensitivity": np.round(sensitivity, 8).tolist(),
+        "perturbations": {
+            spec.label: {"correct": np.count_nonzero(pp == labels, axis=(0, 1)).tolist(),
+                         "preserved": np.count_nonzero(pp == clean.pred[:, None, :], axis=(0, 1)).tolist()}
+            for spec, pp in zip(specs, pert_pred)
+        },
+    }
+
+
+def merge_scores(parts: list[Scores | None], weights: list[int], conditional: bool) -> Scores:
+    """Join the scores of consecutive image shards (one per rank) into the scores of all images.
+
+    Per-image arrays are concatenated along the image axis. `text_cos` is the same on every
+    shard for shared-text learners; for conditional ones it is a per-shard mean over images,
+    combined with the shards' image counts `weights`.
+    """
+    if len(parts) == 1 and parts[0] is not None:
+        return parts[0]
+    kept = [(p, w) for p, w in zip(parts, weights) if p is not None]
+    ss = [p for p, _ in kept]
+    clean = TemplateScores(*(np.concatenate([getattr(p.clean, f) for p in ss], axis=1)
+                             for f in ("pred", "p_true", "cos_true")))
+    pert_pred = [np.concatenate([p.pert_pred[k] for p in ss], axis=2) for k in range(len(ss[0].pert_pred))]
+    if conditional:
+        total = sum(w for _, w in kept)
+        text_cos = [sum(w * p.text_cos[k] for p, w in kept) / total for k in range(len(ss[0].text_cos))]
+        encoded = sum(p.texts_encoded for p in ss)
+    else:
+        text_cos, encoded = ss[0].text_cos, ss[0].texts_encoded
+    return Scores(clean, np.concatenate([p.pred_ens for p in ss]), pert_pred, text_cos, encoded)
+
+
 class Evaluator:
     """Scores one learner over templates and perturbations on a dataset.
+
+    Under torchrun every rank runs the same calls: image chunks, missing prompt strings and the
+    scoring of images are shared out across ranks and gathered, so each rank ends with the
+    result a single process computes.
 
     Args:
         learner: Any `PromptLearner` (image-conditional ones included).
         settings: Templates, perturbations, seeds and batch sizes.
         progress: Optional ``progress(stage, done, total)`` callback.
+        cache: Where image (and shared text) features are kept between runs; None computes all.
+        split: The dataset split, part of the image-feature cache key.
     """
 
-    def __init__(self, learner: PromptLearner, settings: EvalSettings, progress: ProgressFn | None = None):
+    def __init__(self, learner: PromptLearner, settings: EvalSettings, progress: ProgressFn | None = None,
+                 cache: FeatureCache | None = None, split: str = ""):
         self.learner = learner
         self.settings = settings
         self.progress = progress
+        self.cache = cache
+        self.split = split
         self.lexicon = settings.lexicon or load_lexicon()
 
     def run(self, dataset: ImageDataset, subset: str = "all", partial: list | None = None) -> SubsetResult:
@@ -345,7 +523,9 @@ class Evaluator:
         learner = self.learner.eval()
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        image_feats, labels_np, skipped = encode_images(learner, dataset, s.batch_size, s.num_workers, self.progress)
+        images = image_features(learner, dataset, s.batch_size, s.num_workers, self.progress, self.cache, self.split,
+                                s.amp)
+        labels_np, skipped = images.labels, images.skipped
         timings["encode_images_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -353,9 +533,20 @@ class Evaluator:
         timings["build_prompts_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        labels = torch.as_tensor(labels_np, device=image_feats.device)
-        score = score_conditional if learner.conditional else score_shared_text
-        scores = score(learner, image_feats, labels, table, s.text_batch_size, self.progress)
+        labels = torch.as_tensor(labels_np, device=images.features.device)
+        mine = distributed.shard_range(len(labels_np))
+        shard = slice(mine.start, mine.stop)
+        texts_cached = 0
+        if learner.conditional:
+            part = score_conditional(learner, images.features[shard], labels[shard], table, s.text_batch_size,
+                                     self.progress, s.amp) if len(mine) else None
+        else:
+            text_feats, encoded, texts_cached = text_features(learner, table.texts, s.text_batch_size, self.progress,
+                                                              self.cache, s.amp)
+            part = score_shared_text(learner, images.features[shard], labels[shard], table, text_feats,
+                                     encoded) if len(mine) else None
+        sizes = [len(r) for r in distributed.gather(mine)]
+        scores = merge_scores(distributed.gather(part), sizes, learner.conditional)
         timings["encode_texts_and_score_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -371,7 +562,8 @@ class Evaluator:
             ),
             per_template_acc=metrics.per_template_accuracy(clean.pred, labels_np).tolist(),
             timings=timings,
-            counts={"images_encoded": len(labels_np), "texts_encoded": scores.texts_encoded},
+            counts={"images_encoded": images.encoded, "texts_encoded": scores.texts_encoded,
+                    **({"images_cached": images.cached, "texts_cached": texts_cached} if self.cache else {})},
         )
         for k, spec in enumerate(s.perturbations):
             pert_metrics = metrics.perturbation_metrics(
@@ -379,6 +571,7 @@ class Evaluator:
                 n_resamples=s.bootstrap, seed=s.seed,
             )
             result.perturbations.append(PerturbationResult(spec=spec, draws=s.draws, metrics=pert_metrics))
+        result.per_image = per_image_counts(clean, scores.pert_pred, labels_np, s.perturbations)
         timings["metrics_s"] = time.perf_counter() - t0
         if partial is not None:
             partial.append(result)

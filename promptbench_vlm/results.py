@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from .errors import UserError
 from .evaluate import SubsetResult
+from .files import atomic_path
 
 SCHEMA = "promptbench_vlm/result"
 SCHEMA_VERSION = 1
@@ -48,24 +47,31 @@ def subset_to_dict(result: SubsetResult) -> dict[str, Any]:
         ],
         "timings": result.timings,
         "counts": result.counts,
+        "per_image": result.per_image,
     }
 
 
-def build_result(run: dict[str, Any], subsets: list[SubsetResult], complete: bool = True) -> dict[str, Any]:
-    """Assemble the result document; with base and new subsets, add base/new accuracy and H."""
+def build_result(run: dict[str, Any], subsets: list[SubsetResult], complete: bool = True,
+                 earlier: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Assemble the result document; with base and new subsets, add base/new accuracy and H.
+
+    Args:
+        earlier: Subsets already in JSON form, finished by an interrupted run being resumed;
+            they come first, in their order.
+    """
     from .metrics import harmonic_mean
 
+    bodies = {**(earlier or {}), **{r.subset: subset_to_dict(r) for r in subsets}}
     doc: dict[str, Any] = {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
         "complete": complete,
         "run": run,
-        "subsets": {r.subset: subset_to_dict(r) for r in subsets},
+        "subsets": bodies,
     }
-    by_name = {r.subset: r for r in subsets}
-    if "base" in by_name and "new" in by_name:
-        base = by_name["base"].metrics["acc_mean"].value
-        new = by_name["new"].metrics["acc_mean"].value
+    if "base" in bodies and "new" in bodies:
+        base = bodies["base"]["metrics"]["acc_mean"]["value"]
+        new = bodies["new"]["metrics"]["acc_mean"]["value"]
         doc["base_new"] = {"base": base, "new": new, "H": harmonic_mean(base, new)}
     return doc
 
@@ -73,12 +79,9 @@ def build_result(run: dict[str, Any], subsets: list[SubsetResult], complete: boo
 def write_json(doc: dict[str, Any], path: str | Path) -> Path:
     """Write `doc` atomically (temporary file, then rename): a crash never leaves half a file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as f:
         json.dump(doc, f, indent=2, allow_nan=True)
         f.write("\n")
-    os.replace(tmp, path)
     return path
 
 
@@ -126,9 +129,8 @@ def result_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
 def write_csv(doc: dict[str, Any], path: str | Path) -> Path:
     """Export `doc` as a long-format CSV (one row per metric, group and subset)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     rows = result_rows(doc)
-    with path.open("w", newline="", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=["subset", "group", "metric", "value", "ci_low", "ci_high"])
         writer.writeheader()
         writer.writerows(rows)

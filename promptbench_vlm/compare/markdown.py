@@ -1,0 +1,47 @@
+"""The markdown report: the settings, every table and the figures, in one file next to the runs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .grid import RunRecord
+from .stats import Comparison, GroupSummary
+from .tables import headline_table, paired_table, perturbation_tables, runs_table, to_markdown
+
+
+def write_markdown(path: str | Path, title: str, setup: list[str], summaries: list[GroupSummary],
+                   comparisons: list[Comparison], records: list[RunRecord], plots: list[Path]) -> Path:
+    """Write the report; figures are linked by paths relative to the report, so the folder can move.
+
+    Args:
+        path: The markdown file to write.
+        title: The first heading.
+        setup: Lines describing what was run (shown as a list).
+        summaries: The aggregated groups.
+        comparisons: The paired tests (may be empty).
+        records: The grid's runs, for the failures section (may be empty).
+        plots: PNG files to embed.
+    """
+    path = Path(path)
+    parts = [f"# {title}", "", *(f"- {line}" for line in setup), ""]
+    failed = runs_table(records)
+    if failed.rows:
+        parts += ["## Runs that did not finish", "", to_markdown(failed)]
+    parts += ["## Accuracy and sensitivity", "", to_markdown(headline_table(summaries))]
+    if comparisons:
+        parts += ["## Paired tests against the reference", "",
+                  "Bootstrap over test images of the per-image difference (seed-averaged values), "
+                  "as in docs/metrics.md; no correction for multiple comparisons.", "",
+                  to_markdown(paired_table(comparisons))]
+    pert = perturbation_tables(summaries)
+    if pert:
+        parts += ["## Perturbations", "", "AS accuracy shift (points, positive = the perturbation hurts), "
+                  "LPR label preservation (%), TS text shift (1 − cosine; no interval: it is a mean over classes).", ""]
+        parts += [to_markdown(t) for t in pert]
+    if plots:
+        parts += ["## Figures", ""]
+        parts += [f"![{p.stem.replace('_', ' ')}]({Path(os.path.relpath(p, path.parent)).as_posix()})\n" for p in plots]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(parts), encoding="utf-8")
+    return path

@@ -1,0 +1,200 @@
+"""Aggregate result files over seeds and test methods against a reference on the same images.
+
+A group is one (method, learner, dataset) with one result per seed. Each number is reported as
+the mean over seeds ± their standard deviation (ddof 0, as everywhere in this toolkit) and a
+95 % interval: the bootstrap over images of the per-image values averaged over seeds (the seeds
+see the same test images, so the seed-averaged value of an image is well defined). Paired tests
+use `metrics.paired_difference` on those seed-averaged per-image vectors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..metrics import bootstrap_mean_ci, paired_difference
+
+CLEAN_METRICS = ("acc_mean", "sensitivity")
+PERTURBATION_METRICS = ("AS", "LPR", "TS")
+PAIRED_PERTURBATION_METRICS = ("AS", "LPR")
+
+
+@dataclass
+class Cell:
+    """One reported number: mean over seeds, std over seeds, and a 95 % interval (or None)."""
+
+    mean: float
+    std: float
+    ci: tuple[float, float] | None
+    n_seeds: int
+
+
+@dataclass
+class Group:
+    """The runs of one (method, learner, dataset), one result document per seed."""
+
+    method: str
+    learner: str
+    dataset: str
+    docs: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return self.method if self.method == self.learner else f"{self.method}/{self.learner}"
+
+
+@dataclass
+class GroupSummary:
+    """Everything the tables and plots show for one group."""
+
+    group: Group
+    subsets: list[str]
+    clean: dict[str, dict[str, Cell]]  # subset -> metric -> cell
+    base_new: dict[str, Cell]  # base, new, H (no interval on H: it is not a mean over images)
+    perturbations: dict[str, dict[str, dict[str, Cell]]]  # subset -> op:level -> metric -> cell
+    per_template: dict[str, np.ndarray]  # subset -> [T] accuracy, mean over seeds
+    templates: list[str]
+    per_image: dict[str, dict[str, np.ndarray]]  # subset -> metric key -> [N], mean over seeds
+    labels: dict[str, np.ndarray]  # subset -> [N], for the pairing check
+
+
+@dataclass
+class Comparison:
+    """A paired test of one group against the reference on one metric of one subset."""
+
+    group: str
+    reference: str
+    dataset: str
+    subset: str
+    metric: str
+    diff: float | None
+    ci: tuple[float, float] | None
+    p_value: float | None
+    significant: bool
+    note: str = ""
+
+
+def per_image_values(doc: dict[str, Any], subset: str) -> tuple[np.ndarray, dict[str, np.ndarray]] | None:
+    """Labels and per-image metric vectors of one subset from the result file's counts.
+
+    Keys are ``acc_mean``, ``sensitivity`` and ``OP:LEVEL/acc_pert|AS|LPR``; the values are the
+    per-image quantities of docs/metrics.md. None for a file written before results carried them.
+    """
+    body = doc["subsets"][subset]
+    counts = body.get("per_image")
+    if not counts:
+        return None
+    n_templates = len(doc["run"]["templates"])
+    clean_acc = 100.0 * np.asarray(counts["correct"], dtype=np.float64) / n_templates
+    values = {"acc_mean": clean_acc, "sensitivity": np.asarray(counts["sensitivity"], dtype=np.float64)}
+    draws = {p["label"]: p["draws"] for p in body["perturbations"]}
+    for label, pert in counts["perturbations"].items():
+        total = n_templates * draws[label]
+        acc_pert = 100.0 * np.asarray(pert["correct"], dtype=np.float64) / total
+        values[f"{label}/acc_pert"] = acc_pert
+        values[f"{label}/AS"] = clean_acc - acc_pert
+        values[f"{label}/LPR"] = 100.0 * np.asarray(pert["preserved"], dtype=np.float64) / total
+    return np.asarray(counts["labels"]), values
+
+
+def _cell(per_seed: list[float], per_image: np.ndarray | None, fallback_ci: list | None, n_resamples: int,
+          seed: int) -> Cell:
+    """Mean ± std over seeds and an interval: with one seed the result file's own (so both agree),
+    else the bootstrap of the seed-averaged per-image values when the files hold them."""
+    ci: tuple[float, float] | None = None
+    if fallback_ci and len(per_seed) == 1:
+        ci = (float(fallback_ci[0]), float(fallback_ci[1]))
+    elif per_image is not None and n_resamples > 0:
+        ci = bootstrap_mean_ci(per_image, n_resamples, seed)
+    return Cell(float(np.mean(per_seed)), float(np.std(per_seed)), ci, len(per_seed))
+
+
+def summarise(group: Group, n_resamples: int = 1000, seed: int = 0) -> GroupSummary:
+    """Aggregate a group's result documents over seeds (subsets every seed has)."""
+    docs = [group.docs[s] for s in sorted(group.docs)]
+    subsets = [s for s in docs[0]["subsets"] if all(s in d["subsets"] for d in docs)]
+    clean: dict[str, dict[str, Cell]] = {}
+    perturbations: dict[str, dict[str, dict[str, Cell]]] = {}
+    per_template: dict[str, np.ndarray] = {}
+    per_image: dict[str, dict[str, np.ndarray]] = {}
+    labels: dict[str, np.ndarray] = {}
+    for subset in subsets:
+        bodies = [d["subsets"][subset] for d in docs]
+        values = [per_image_values(d, subset) for d in docs]
+        if all(v is not None for v in values) and all(np.array_equal(v[0], values[0][0]) for v in values):
+            labels[subset] = values[0][0]
+            per_image[subset] = {k: np.mean([v[1][k] for v in values], axis=0) for k in values[0][1]}
+        images = per_image.get(subset, {})
+        clean[subset] = {
+            m: _cell([b["metrics"][m]["value"] for b in bodies], images.get(m), bodies[0]["metrics"][m].get("ci"),
+                     n_resamples, seed)
+            for m in CLEAN_METRICS if all(m in b["metrics"] for b in bodies)}
+        perturbations[subset] = {}
+        for k, pert in enumerate(bodies[0]["perturbations"]):
+            label = pert["label"]
+            same = [b["perturbations"][k] for b in bodies if k < len(b["perturbations"])]
+            if len(same) != len(bodies) or any(p["label"] != label for p in same):
+                continue
+            perturbations[subset][label] = {
+                m: _cell([p["metrics"][m]["value"] for p in same], images.get(f"{label}/{m}"),
+                         pert["metrics"][m].get("ci"), n_resamples, seed)
+                for m in PERTURBATION_METRICS}
+        per_template[subset] = np.mean([b["per_template_acc"] for b in bodies], axis=0)
+    base_new: dict[str, Cell] = {}
+    if all(d.get("base_new") for d in docs):
+        for key in ("base", "new", "H"):
+            ci = clean[key]["acc_mean"].ci if key in clean and "acc_mean" in clean[key] else None
+            per_seed = [d["base_new"][key] for d in docs]
+            base_new[key] = Cell(float(np.mean(per_seed)), float(np.std(per_seed)), ci, len(per_seed))
+    return GroupSummary(group, subsets, clean, base_new, perturbations, per_template,
+                        list(docs[0]["run"]["templates"]), per_image, labels)
+
+
+def find_reference(summaries: list[GroupSummary], reference: str, dataset: str, learner: str) -> GroupSummary | None:
+    """The reference group for a group on `dataset` with `learner`.
+
+    `reference` is ``METHOD`` or ``METHOD/LEARNER``; with a method only, the reference's run
+    with the same learner is preferred (erm/coop against promise/coop), else its first one.
+    """
+    method, _, ref_learner = reference.partition("/")
+    candidates = [s for s in summaries if s.group.dataset == dataset and s.group.method == method
+                  and (not ref_learner or s.group.learner == ref_learner)]
+    same = [s for s in candidates if s.group.learner == learner]
+    return (same or candidates or [None])[0]
+
+
+def compare_to_reference(summaries: list[GroupSummary], reference: str, n_resamples: int = 1000, seed: int = 0
+                         ) -> list[Comparison]:
+    """Paired bootstrap of every group against the reference on acc_mean, S(θ), AS and LPR.
+
+    A pair is tested on a subset only when both hold per-image values for the same images (equal
+    label vectors); otherwise it is listed with a note saying why it was not tested.
+    """
+    out: list[Comparison] = []
+    for summary in summaries:
+        g = summary.group
+        ref = find_reference(summaries, reference, g.dataset, g.learner)
+        if ref is None or ref is summary:
+            continue
+        for subset in summary.subsets:
+            metrics = list(CLEAN_METRICS) + [f"{label}/{m}" for label in summary.perturbations.get(subset, {})
+                                             for m in PAIRED_PERTURBATION_METRICS]
+            a, b = summary.per_image.get(subset), ref.per_image.get(subset)
+            note = ""
+            if a is None or b is None:
+                note = "no per-image values in the result file(s)"
+            elif not np.array_equal(summary.labels[subset], ref.labels[subset]):
+                note = "different test images"
+            elif n_resamples < 1:
+                note = "bootstrap is off"
+            for metric in metrics:
+                if note or metric not in a or metric not in b:
+                    out.append(Comparison(g.label, ref.group.label, g.dataset, subset, metric, None, None, None, False,
+                                          note or "metric missing on one side"))
+                    continue
+                test = paired_difference(a[metric], b[metric], n_resamples, seed)
+                out.append(Comparison(g.label, ref.group.label, g.dataset, subset, metric, test.diff, test.ci,
+                                      test.p_value, test.significant))
+    return out

@@ -1,0 +1,204 @@
+"""The sweep: which methods, learners, datasets and seeds to run, from a TOML file or flags.
+
+Every name is checked against the registries before anything runs, so a typo in the last
+method of a sweep fails in a second, not after an hour of training.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+from ..errors import UserError
+from ..names import unknown_name_error
+
+ZEROSHOT = "zeroshot"
+"""The method entry that evaluates the zero-shot learner without training."""
+
+
+@dataclass(frozen=True)
+class MethodSettings:
+    """Per-method overrides from a ``[method.NAME]`` table: some methods need other budgets, or
+    fit other learners (PromptSRC trains IVLP only)."""
+
+    learners: list[str] | None = None
+    epochs: int | None = None
+    lr: float | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A comparison grid; field names are the TOML keys (docs/compare.md)."""
+
+    methods: list[str]
+    learners: list[str] = field(default_factory=lambda: ["coop"])
+    datasets: list[str] = field(default_factory=lambda: ["toy-shapes"])
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    shots: int = 16
+    epochs: int = 5
+    batch_size: int = 8
+    lr: float | None = None
+    templates: str = "promptsrc60"
+    perturb: str = "default"
+    bootstrap: int = 1000
+    model: str = "toy-clip"
+    pretrained: str | None = None
+    device: str = "auto"
+    output: str = "runs/compare"
+    reference: str | None = None
+    method: dict[str, MethodSettings] = field(default_factory=dict)
+
+    def settings(self, method: str) -> MethodSettings:
+        """The overrides of `method` (none when it has no table)."""
+        return self.method.get(method, MethodSettings())
+
+    def reference_name(self) -> str:
+        """The reference of the paired tests: as given, else zeroshot when run, else the first method."""
+        if self.reference:
+            return self.reference
+        return ZEROSHOT if ZEROSHOT in self.methods else self.methods[0]
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One cell of the grid: a method training a learner on a dataset with a seed."""
+
+    method: str
+    learner: str
+    dataset: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}/{self.learner}/{self.dataset}/seed{self.seed}"
+
+
+_LISTS = {"methods": str, "learners": str, "datasets": str, "seeds": int}
+_SCALARS = {"shots": int, "epochs": int, "batch_size": int, "lr": float, "templates": str, "perturb": str,
+            "bootstrap": int, "model": str, "pretrained": str, "device": str, "output": str, "reference": str}
+
+
+def read_sweep_file(path: str | Path) -> dict[str, Any]:
+    """The raw tables of a sweep TOML file.
+
+    Raises:
+        UserError: missing file or invalid TOML (with the parser's line and column).
+    """
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise UserError(f"sweep file not found: {path}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise UserError(f"sweep file {path} is not valid TOML: {err}") from None
+
+
+def _typed(key: str, value: Any, kind: type) -> Any:
+    """`value` as `kind`, refusing what TOML would let through (a string seed, a bool epoch count)."""
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise UserError(f"sweep key '{key}' must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def build_sweep(values: dict[str, Any]) -> Sweep:
+    """Validate raw sweep values (file tables merged with flags) into a `Sweep`.
+
+    Raises:
+        UserError: an unknown key, a wrong type, an empty list, an unknown method or learner
+            (listing the registered ones), or a method table for a method not in the sweep.
+    """
+    from ..learners import LEARNERS
+    from ..train.method import METHODS
+
+    known = set(_LISTS) | set(_SCALARS) | {"method"}
+    for key in values:
+        if key not in known:
+            raise unknown_name_error("sweep key", key, known)
+    if "methods" not in values:
+        raise UserError("a sweep needs 'methods' (a list, e.g. [\"zeroshot\", \"erm\"]) or --method")
+    kwargs: dict[str, Any] = {}
+    for key, kind in _LISTS.items():
+        if key in values:
+            items = values[key] if isinstance(values[key], list) else [values[key]]
+            if not items:
+                raise UserError(f"sweep key '{key}' is an empty list")
+            kwargs[key] = list(dict.fromkeys(_typed(key, v, kind) for v in items))
+    for key, kind in _SCALARS.items():
+        if values.get(key) is not None:
+            kwargs[key] = _typed(key, values[key], kind)
+    for name in kwargs["methods"]:
+        if name != ZEROSHOT:
+            METHODS.get(name)  # an unknown name lists the registered ones
+    if name_errors := [n for n in kwargs.get("learners", []) if n not in LEARNERS.names()]:
+        raise unknown_name_error("learner", name_errors[0], LEARNERS.names())
+    tables = values.get("method", {})
+    if not isinstance(tables, dict):
+        raise UserError("sweep key 'method' must be tables: [method.NAME] with learners, epochs, lr, options")
+    kwargs["method"] = {}
+    for name, table in tables.items():
+        if name not in kwargs["methods"]:
+            raise unknown_name_error("method in [method.NAME] (not in 'methods')", name, kwargs["methods"])
+        allowed = {f.name for f in fields(MethodSettings)}
+        if not isinstance(table, dict) or set(table) - allowed:
+            raise UserError(f"[method.{name}] may set only {', '.join(sorted(allowed))}; got {table!r}")
+        learners = table.get("learners")
+        if learners is not None:
+            if not isinstance(learners, list) or not learners:
+                raise UserError(f"[method.{name}] learners must be a non-empty list of learner names")
+            learners = [_typed(f"method.{name}.learners", v, str) for v in learners]
+            if bad := [n for n in learners if n not in LEARNERS.names()]:
+                raise unknown_name_error("learner", bad[0], LEARNERS.names())
+        kwargs["method"][name] = MethodSettings(
+            learners=learners,
+            epochs=_typed(f"method.{name}.epochs", table["epochs"], int) if "epochs" in table else None,
+            lr=_typed(f"method.{name}.lr", table["lr"], float) if "lr" in table else None,
+            options=_typed(f"method.{name}.options", table.get("options", {}), dict))
+    sweep = Sweep(**kwargs)
+    if sweep.epochs < 1 or sweep.shots < 0 or sweep.bootstrap < 0 or sweep.batch_size < 1:
+        raise UserError("sweep: epochs and batch_size must be >= 1, shots and bootstrap >= 0")
+    return sweep
+
+
+def fits(method: str, learner: str) -> bool:
+    """Whether `method` can train `learner` (its declared learners; any learner when it declares none)."""
+    from ..train.method import METHODS
+
+    allowed = METHODS.get(method).learners
+    return learner != ZEROSHOT and (allowed is None or learner in allowed)
+
+
+def plan(sweep: Sweep) -> tuple[list[RunSpec], list[str]]:
+    """The grid's runs in order, and the method/learner pairs left out because they do not fit.
+
+    ``zeroshot`` runs once per dataset and seed (the seed fixes its perturbation draws and
+    bootstrap), whatever the learners.
+
+    Raises:
+        UserError: a trained method that fits none of the sweep's learners.
+    """
+    runs: list[RunSpec] = []
+    left_out: list[str] = []
+    for method in sweep.methods:
+        if method == ZEROSHOT:
+            learners = [ZEROSHOT]
+        else:
+            wanted = sweep.settings(method).learners or sweep.learners
+            learners = [lr for lr in wanted if fits(method, lr)]
+            left_out += [f"{method}/{lr}" for lr in wanted if not fits(method, lr)]
+            if not learners:
+                from ..train.method import METHODS
+
+                raise UserError(f"method '{method}' fits none of the learners {wanted}; "
+                                f"it needs one of: {', '.join(METHODS.get(method).learners or ())}")
+        runs += [RunSpec(method, lr, ds, seed) for ds in sweep.datasets for lr in learners for seed in sweep.seeds]
+    return runs, left_out

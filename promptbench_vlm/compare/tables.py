@@ -1,0 +1,125 @@
+"""The comparison's tables as plain rows of strings, rendered with rich or as markdown.
+
+Building the rows once and rendering them twice keeps the terminal and the report file showing
+the same numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rich.table import Table
+
+from .grid import RunRecord
+from .stats import CLEAN_METRICS, PERTURBATION_METRICS, Cell, Comparison, GroupSummary
+
+DIGITS = {"acc_mean": 2, "sensitivity": 4, "AS": 2, "LPR": 2, "TS": 4, "base": 2, "new": 2, "H": 2}
+NAMES = {"acc_mean": "acc", "sensitivity": "S(θ)", "AS": "AS", "LPR": "LPR", "TS": "TS"}
+
+
+@dataclass
+class TextTable:
+    """A titled table of already formatted cells."""
+
+    title: str
+    header: list[str]
+    rows: list[list[str]]
+
+
+def fmt_cell(cell: Cell | None, digits: int) -> str:
+    """``mean ± std [lo, hi]``; no ± with one seed, no interval when there is none."""
+    if cell is None:
+        return "-"
+    text = f"{cell.mean:.{digits}f}"
+    if cell.n_seeds > 1:
+        text += f" ± {cell.std:.{digits}f}"
+    if cell.ci is not None:
+        text += f" [{cell.ci[0]:.{digits}f}, {cell.ci[1]:.{digits}f}]"
+    return text
+
+
+def _all_subsets(summaries: list[GroupSummary]) -> list[str]:
+    return list(dict.fromkeys(s for summary in summaries for s in summary.subsets))
+
+
+def headline_table(summaries: list[GroupSummary]) -> TextTable:
+    """One row per method/learner/dataset: base, new and H (or accuracy per subset) and S(θ)."""
+    subsets = _all_subsets(summaries)
+    with_h = any(s.base_new for s in summaries)
+    acc_cols = ["base", "new", "H"] if with_h else subsets
+    header = ["method", "learner", "dataset", "seeds"]
+    header += [f"{c} (%)" if with_h else f"acc {c} (%)" for c in acc_cols] + [f"S(θ) {s}" for s in subsets]
+    rows = []
+    for s in summaries:
+        g = s.group
+        if with_h:
+            accs = [fmt_cell(s.base_new.get(c), DIGITS[c]) for c in acc_cols]
+        else:
+            accs = [fmt_cell(s.clean.get(c, {}).get("acc_mean"), 2) for c in acc_cols]
+        sens = [fmt_cell(s.clean.get(c, {}).get("sensitivity"), 4) for c in subsets]
+        rows.append([g.method, g.learner, g.dataset, ",".join(map(str, sorted(g.docs)))] + accs + sens)
+    return TextTable("accuracy (%) and sensitivity S(θ): mean ± std over seeds [95% CI over images]", header, rows)
+
+
+def perturbation_tables(summaries: list[GroupSummary]) -> list[TextTable]:
+    """Per subset and metric (AS, LPR, TS): a row per group, a column per perturbation op:level."""
+    tables = []
+    for subset in _all_subsets(summaries):
+        labels = list(dict.fromkeys(lbl for s in summaries for lbl in s.perturbations.get(subset, {})))
+        if not labels:
+            continue
+        for metric in PERTURBATION_METRICS:
+            rows = [[s.group.label, s.group.dataset]
+                    + [fmt_cell(s.perturbations.get(subset, {}).get(lbl, {}).get(metric), DIGITS[metric])
+                       for lbl in labels]
+                    for s in summaries]
+            tables.append(TextTable(f"{metric} per perturbation, subset {subset}", ["method", "dataset"] + labels,
+                                    rows))
+    return tables
+
+
+def paired_table(comparisons: list[Comparison], clean_only: bool = False) -> TextTable:
+    """The paired tests: difference (group − reference), its interval, p and significance."""
+    rows = []
+    for c in comparisons:
+        if clean_only and c.metric not in CLEAN_METRICS:
+            continue
+        label, _, metric = c.metric.rpartition("/")
+        name = f"{label} {NAMES.get(metric, metric)}".strip()
+        if c.diff is None:
+            rows.append([c.group, c.reference, c.dataset, c.subset, name, "-", "-", f"not tested: {c.note}"])
+            continue
+        digits = DIGITS.get(metric, 2)
+        rows.append([c.group, c.reference, c.dataset, c.subset, name,
+                     f"{c.diff:+.{digits}f} [{c.ci[0]:+.{digits}f}, {c.ci[1]:+.{digits}f}]",
+                     f"{c.p_value:.3f}", "yes" if c.significant else "no"])
+    return TextTable("paired bootstrap over images: method − reference (95% CI); significant = CI excludes 0",
+                     ["method", "reference", "dataset", "subset", "metric", "difference [95% CI]", "p",
+                      "significant"], rows)
+
+
+def runs_table(records: list[RunRecord]) -> TextTable:
+    """The runs that did not finish, with their error: what the summary must not hide."""
+    rows = [[r.method, r.learner, r.dataset, str(r.seed), r.status, r.error or ""]
+            for r in records if r.status not in ("done", "existing")]
+    return TextTable("runs that did not finish", ["method", "learner", "dataset", "seed", "status", "error"], rows)
+
+
+def to_rich(table: TextTable) -> Table:
+    """A rich table for the terminal."""
+    out = Table(title=table.title, title_justify="left")
+    for i, name in enumerate(table.header):
+        out.add_column(name, justify="left" if i < 2 else "right")
+    for row in table.rows:
+        out.add_row(*row)
+    return out
+
+
+def to_markdown(table: TextTable) -> str:
+    """A GitHub-flavoured markdown table with its title as a bold line above it."""
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    parts = [f"**{table.title}**", "", line(table.header), line(["---"] * len(table.header))]
+    parts += [line(row) for row in table.rows]
+    return "\n".join(parts) + "\n"
