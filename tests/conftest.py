@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from promptbench_vlm import cli
 from promptbench_vlm.backbone import Backbone, load_backbone
 from promptbench_vlm.data.base import CorruptImageError, ImageDataset
 
@@ -21,6 +23,28 @@ def colour_image(rgb: tuple[int, int, int], seed: int, size: int = 32) -> Image.
     rng = np.random.default_rng(seed)
     pixels = np.clip(np.array(rgb) + rng.normal(0, 12, (size, size, 3)), 0, 255).astype(np.uint8)
     return Image.fromarray(pixels, "RGB")
+
+
+def write_colour_folder(root: Path, per_class: int, class_stride: int, offset: int = 0) -> Path:
+    """An image folder at `root`, one sub-folder per colour class; image i of class c has seed
+    ``class_stride * c + i + offset`` (a distinct offset gives another split distinct images)."""
+    for c, (name, rgb) in enumerate(COLOURS.items()):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            colour_image(rgb, seed=class_stride * c + i + offset).save(root / name / f"{i}.png")
+    return root
+
+
+def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    """Run `promptbench ARGS` in-process; return (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["promptbench", *args])
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as exit_:
+        code = exit_.code or 0
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 class ColourDataset(ImageDataset):
@@ -63,9 +87,4 @@ def colour_dataset() -> ColourDataset:
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     """An image folder with one sub-folder per colour class, 3 PNGs each."""
-    root = tmp_path / "colours"
-    for c, (name, rgb) in enumerate(COLOURS.items()):
-        (root / name).mkdir(parents=True)
-        for i in range(3):
-            colour_image(rgb, seed=10 * c + i).save(root / name / f"{i}.png")
-    return root
+    return write_colour_folder(tmp_path / "colours", per_class=3, class_stride=10)

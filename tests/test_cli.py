@@ -7,24 +7,11 @@ import subprocess
 import sys
 
 import pytest
-from conftest import TINY_CONFIG
+from conftest import TINY_CONFIG, run_cli
 
-from promptbench_vlm import cli
 from promptbench_vlm.results import read_result
 
 TINY = ["--model", str(TINY_CONFIG)]
-
-
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """Run `promptbench ARGS` in-process; return (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["promptbench", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_evaluate_prints_table_and_writes_json_and_csv(monkeypatch, capsys, image_folder, tmp_path):

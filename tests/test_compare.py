@@ -10,9 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import COLOURS, TINY_CONFIG, ColourDataset, colour_image
+from conftest import TINY_CONFIG, ColourDataset, run_cli, write_colour_folder
 
-from promptbench_vlm import cli
 from promptbench_vlm.compare.plots import all_plots
 from promptbench_vlm.compare.stats import Group, compare_to_reference, per_image_values, summarise
 from promptbench_vlm.compare.sweep import build_sweep, plan, read_sweep_file
@@ -26,27 +25,12 @@ EXAMPLE = Path(__file__).parent.parent / "examples" / "sweeps" / "toy.toml"
 TEMPLATES = ("a photo of a {}.", "a {}.", "itap of the {}.", "a bad photo of the {}.")
 
 
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """Run `promptbench ARGS` in-process; return (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["promptbench", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 @pytest.fixture(scope="module")
 def split_folder(tmp_path_factory) -> Path:
     """train/ and test/ folders of the 4 colour classes."""
     root = tmp_path_factory.mktemp("colours")
-    for split, n in (("train", 4), ("test", 6)):
-        for c, (name, rgb) in enumerate(COLOURS.items()):
-            (root / split / name).mkdir(parents=True)
-            for i in range(n):
-                colour_image(rgb, seed=100 * c + i + (50 if split == "test" else 0)).save(root / split / name / f"{i}.png")
+    write_colour_folder(root / "train", per_class=4, class_stride=100)
+    write_colour_folder(root / "test", per_class=6, class_stride=100, offset=50)
     return root
 
 

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import COLOURS, ColourDataset, colour_image
+from conftest import ColourDataset, write_colour_folder
 from test_cli import run_cli
 from test_evaluate import ConditionalLearner
 from test_resume import comparable, evaluate_args
@@ -22,12 +22,7 @@ from promptbench_vlm.results import read_result
 @pytest.fixture
 def large_folder(tmp_path):
     """65 images per class: 260 images, two cache chunks, so both ranks encode images."""
-    root = tmp_path / "colours"
-    for c, (name, rgb) in enumerate(COLOURS.items()):
-        (root / name).mkdir(parents=True)
-        for i in range(65):
-            colour_image(rgb, seed=100 * c + i).save(root / name / f"{i}.png")
-    return root
+    return write_colour_folder(tmp_path / "colours", per_class=65, class_stride=100)
 
 
 def test_two_gloo_processes_match_one(monkeypatch, capsys, large_folder, tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import COLOURS, TINY_CONFIG, colour_image
+from conftest import COLOURS, TINY_CONFIG, write_colour_folder
 
 from promptbench_vlm.backbone import load_backbone
 from promptbench_vlm.errors import UserError
@@ -234,11 +234,8 @@ def test_bad_options_are_user_errors(tiny_backbone):
 
 def test_training_run_logs_the_diagnostics(tmp_path):
     root = tmp_path / "colours"
-    for split, n in (("train", 4), ("test", 2)):
-        for c, (name, rgb) in enumerate(COLOURS.items()):
-            (root / split / name).mkdir(parents=True)
-            for i in range(n):
-                colour_image(rgb, seed=100 * c + i + 50 * (split == "test")).save(root / split / name / f"{i}.png")
+    write_colour_folder(root / "train", per_class=4, class_stride=100)
+    write_colour_folder(root / "test", per_class=2, class_stride=100, offset=50)
     request = TrainRequest(method="promise", learner="maple", model=str(TINY_CONFIG), dataset=f"folder:{root}",
                            shots=4, output=str(tmp_path / "run"), method_options={"templates_in": 3, "templates_out": 3},
                            config=TrainConfig(epochs=1, batch_size=4, warmup_epochs=0, seed=1),

@@ -277,6 +277,7 @@ class MAMLClip(TrainingMethod):
                     if log:
                         log.write(json.dumps({"step": step, "epoch": epoch, "lr": lr, **record,
                                               "clip_rate": clipped / step}) + "\n")
+                        log.flush()  # followable with tail -f, like the shared loop's log
                     if progress:
                         progress("train", step, per_epoch * config.epochs)
                 self.on_epoch_end(epoch, config.epochs)
