@@ -175,7 +175,7 @@ def test_hypergradients_are_exact_for_the_linearised_inner_loop_over_three_steps
 
 
 def test_without_weighting_and_token_rates_one_step_is_plain_fomaml():
-    method = float64_method("maple", inner_steps=2, inner_lr=0.2, weighting=False, token_lr=False)
+    method = float64_method("maple", inner_steps=2, inner_lr=0.2, weighting=False, token_lr=False, anchor=0.0)
     assert method.scores is None and method.rates is None
     assert {id(p) for p in method.trainable_parameters()} == {id(p) for p in method.learned().values()}
     images, labels = batch()
@@ -200,10 +200,31 @@ def test_without_weighting_and_token_rates_one_step_is_plain_fomaml():
         torch.testing.assert_close(p.detach(), theta[n] - 0.01 * v[n], rtol=1e-9, atol=1e-12)
 
     reptile = float64_method("maple", inner_steps=2, inner_lr=0.2, weighting=False, token_lr=False,
-                             meta_update="reptile")
+                             meta_update="reptile", anchor=0.0)
     grads, _, _ = meta_grads(reptile, images, labels)
     for n, start in theta.items():
         torch.testing.assert_close(grads[f"learner.{n}"], (start - point[n]) / (2 * 0.2), rtol=1e-9, atol=1e-12)
+
+
+def test_anchor_adds_the_weighted_inner_loss_gradient_at_theta():
+    plain = float64_method("coop", inner_steps=2, inner_lr=0.2, anchor=0.0)
+    perturb_rates(plain)
+    anchored = float64_method("coop", inner_steps=2, inner_lr=0.2, anchor=0.5)
+    anchored.load_state_dict(plain.state_dict())
+    images, labels = batch()
+    weights = torch.softmax(plain.scores.detach()[SPLIT[0]] / plain.tau, 0)
+    with learner_at(plain, {n: p.detach() for n, p in plain.learned().items()}) as params:
+        inner = (weights * torch.stack(hand_losses(plain, SPLIT[0], images, labels))).sum()
+        g0 = dict(zip(params, torch.autograd.grad(inner, list(params.values()))))
+    base, loss, _ = meta_grads(plain, images, labels)
+    grads, anchored_loss, _ = meta_grads(anchored, images, labels)
+    assert anchored_loss == pytest.approx(loss, rel=1e-12)  # the value stays L_out
+    for n in g0:
+        assert g0[n].abs().max() > 0
+        torch.testing.assert_close(grads[f"learner.{n}"], base[f"learner.{n}"] + 0.5 * g0[n], rtol=1e-9, atol=1e-12)
+    for n, g in base.items():  # the scores and H keep their exact hypergradients
+        if not n.startswith("learner."):
+            torch.testing.assert_close(grads[n], g, rtol=1e-9, atol=1e-12)
 
 
 def test_template_sets_are_disjoint_every_step(tiny_backbone):
@@ -225,7 +246,7 @@ def test_template_sets_are_disjoint_every_step(tiny_backbone):
 
 def test_bad_options_are_user_errors(tiny_backbone):
     learner = build_learner("coop", tiny_backbone)
-    for options in ({"templates_in": 40}, {"inner_steps": 0}, {"tau": 0}, {"meta_update": "sgd"}):
+    for options in ({"templates_in": 40}, {"inner_steps": 0}, {"tau": 0}, {"meta_update": "sgd"}, {"anchor": -1}):
         with pytest.raises(UserError, match="promise"):
             build_method("promise", learner, CLASSES, options)
     with pytest.raises(UserError, match="does not fit learner 'cocoop'"):

@@ -7,7 +7,9 @@ the adapted prompts. Everything happens inside `loss()`, which returns a *surrog
 its value is L_out and its gradient is the meta-gradient, so the shared loop's SGD step with
 rate β is the meta-update:
 
-- prompts θ: ∇_θ' L_out (FOMAML) or (θ − θ'_K) / (K · inner_lr) (Reptile, ε = β / (K · inner_lr));
+- prompts θ: ∇_θ' L_out (FOMAML) or (θ − θ'_K) / (K · inner_lr) (Reptile, ε = β / (K · inner_lr)),
+  plus `anchor` times ∇_θ Σ_i w_i L_i at θ itself (the first inner step's gradient, so free): our
+  addition, which keeps θ usable as it is, the way the evaluator scores it (docs/methods-promise.md);
 - scores s and the rate network H: the exact gradient of L_out through the linear dependence of
   θ'_K = θ − Σ_k α ⊙ Σ_i w_i g_i^(k) on w and α, the g_i^(k) held constant (methods spec).
 
@@ -90,6 +92,10 @@ class Promise(TrainingMethod):
         token_lr: Per-token rates α_k = H(e_k); off: every parameter uses α₀.
         rate_hidden: Hidden width of H.
         meta_update: "fomaml" or "reptile".
+        anchor: Weight of the loss at θ itself (Σ_i w_i L_i on P_in, before adaptation) in θ's
+            meta-gradient. 0 is the paper's plain first-order update, which on the toy world
+            turned θ into a starting point that only works after adaptation; 1 (default) keeps θ
+            good as it is. Costs nothing: it is the first inner step's gradient.
         score_lr_scale, rate_lr_scale: Rate of s and of H as multiples of the shared rate β.
             Their exact hypergradients are small by construction (∂L/∂s_i carries w_i · α₀,
             ∂L/∂H carries softplus' ≈ α₀), so the defaults, templates_in / inner_lr and
@@ -104,17 +110,17 @@ class Promise(TrainingMethod):
     def __init__(self, learner: PromptLearner, classnames: list[str], templates: str = "promptsrc60",
                  templates_in: int = 30, templates_out: int = 30, inner_steps: int = 3, inner_lr: float = 0.01,
                  weighting: bool = True, tau: float = 1.0, entropy_reg: float = 0.0, token_lr: bool = True,
-                 rate_hidden: int = 32, meta_update: str = "fomaml", score_lr_scale: float | None = None,
+                 rate_hidden: int = 32, meta_update: str = "fomaml", anchor: float = 1.0, score_lr_scale: float | None = None,
                  rate_lr_scale: float | None = None, track_improvement: bool = True, **options: Any):
         super().__init__(learner, classnames, templates=templates, templates_in=templates_in,
                          templates_out=templates_out, inner_steps=inner_steps, inner_lr=inner_lr, weighting=weighting,
                          tau=tau, entropy_reg=entropy_reg, token_lr=token_lr, rate_hidden=rate_hidden,
-                         meta_update=meta_update, score_lr_scale=score_lr_scale, rate_lr_scale=rate_lr_scale,
+                         meta_update=meta_update, anchor=anchor, score_lr_scale=score_lr_scale, rate_lr_scale=rate_lr_scale,
                          track_improvement=track_improvement, **options)
         self.templates = load_templates(templates).templates
-        _check_options(len(self.templates), templates_in, templates_out, inner_steps, inner_lr, tau, meta_update)
+        _check_options(len(self.templates), templates_in, templates_out, inner_steps, inner_lr, tau, meta_update, anchor)
         self.n_in, self.n_out, self.inner_steps, self.inner_lr = templates_in, templates_out, inner_steps, inner_lr
-        self.tau, self.entropy_reg, self.meta_update = tau, entropy_reg, meta_update
+        self.tau, self.entropy_reg, self.meta_update, self.anchor = tau, entropy_reg, meta_update, anchor
         self.score_lr_scale = templates_in / inner_lr if score_lr_scale is None else score_lr_scale
         self.rate_lr_scale = 1 / inner_lr if rate_lr_scale is None else rate_lr_scale
         self.track_improvement = track_improvement
@@ -238,6 +244,8 @@ class Promise(TrainingMethod):
         else:
             scale = self.inner_steps * self.inner_lr
             terms = sum((theta[n] * (theta[n].detach() - point[n]) / scale).sum() for n in theta)
+        if self.anchor:
+            terms = terms + self.anchor * sum((theta[n] * steps[0].grad[n]).sum() for n in theta)
         diagnostics = {"outer_loss": l_out.item(), "outer_acc": out.acc, "inner_loss": inner_loss}
         if self.rates is not None:
             terms = terms + self.rate_lr_scale * self._rate_term(rates, v, steps)
@@ -295,7 +303,7 @@ def _rate_range(rates: dict[str, torch.Tensor | float]) -> dict[str, float]:
 
 
 def _check_options(n_templates: int, n_in: int, n_out: int, inner_steps: int, inner_lr: float, tau: float,
-                   meta_update: str) -> None:
+                   meta_update: str, anchor: float) -> None:
     if n_in < 1 or n_out < 1 or n_in + n_out > n_templates:
         raise UserError(f"promise: templates_in ({n_in}) and templates_out ({n_out}) must be at least 1 and "
                         f"together at most the {n_templates} templates of the set")
@@ -303,5 +311,7 @@ def _check_options(n_templates: int, n_in: int, n_out: int, inner_steps: int, in
         raise UserError(f"promise: inner_steps must be at least 1, got {inner_steps}")
     if inner_lr <= 0 or tau <= 0:
         raise UserError(f"promise: inner_lr and tau must be positive, got {inner_lr} and {tau}")
+    if anchor < 0:
+        raise UserError(f"promise: anchor must be at least 0, got {anchor}")
     if meta_update not in META_UPDATES:
         raise UserError(f"promise: meta_update must be one of {', '.join(META_UPDATES)}, got '{meta_update}'")
