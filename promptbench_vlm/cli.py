@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import os
 import platform
 import re
 import sys
@@ -266,10 +267,16 @@ def train(
     num_workers: Annotated[int, typer.Option(min=0)] = 0,
     output: Annotated[str, typer.Option(help="Run folder; fields {method} {learner} {dataset} {seed} {shots}.")] = "runs/{method}__{learner}__{dataset}__seed{seed}",
     overwrite: Annotated[bool, typer.Option(help="Replace a finished run in the output folder.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run with the same options and --output from its last finished epoch.")] = False,
 ) -> None:
-    """Train a learner with a method on a few-shot split, then evaluate it on base and new classes."""
+    """Train a learner with a method on a few-shot split, then evaluate it on base and new classes.
+
+    Under torchrun every rank trains on its share of each batch; only rank 0 writes and prints.
+    """
+    from . import distributed
     from .learners import LEARNERS
     from .report import render
+    from .resume import Terminated, sigterm_interrupts
     from .train.loop import TrainConfig
     from .train.method import METHODS
     from .train.run import TrainRequest, run_training
@@ -287,15 +294,30 @@ def train(
         config=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, warmup_epochs=warmup_epochs,
                            accumulate=accumulate, seed=seed, amp=amp, num_workers=num_workers),
         eval_templates=eval_templates, eval_perturb=eval_perturb, bootstrap=bootstrap, device=device,
-        overwrite=overwrite,
+        overwrite=overwrite, resume=resume,
     )
+
+    def note(message: str) -> None:
+        console.print(message, highlight=False, soft_wrap=True)
+
+    # the process group is joined inside run_training; torchrun's RANK already says who shows progress
     with Progress(TextColumn("{task.description:>13}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as progress:
-        doc = run_training(request, environment_info(), progress=_Bars(progress))
+                  console=console, transient=True, disable=os.environ.get("RANK", "0") != "0") as progress, \
+            sigterm_interrupts():
+        try:
+            doc = run_training(request, environment_info(), progress=_Bars(progress), note=note)
+        except KeyboardInterrupt as interrupt:
+            if distributed.is_main():
+                kept = ("checkpoint and training state of the last finished epoch; the same command with --resume "
+                        "continues it") if METHODS.get(method).fit is None else "checkpoint of the last finished epoch"
+                note(f"interrupted: {folder} keeps the {kept}")
+            raise typer.Exit(143 if isinstance(interrupt, Terminated) else 130) from None
+    if not distributed.is_main():
+        return
     render(doc)
     training = doc["run"]["training"]
     console.print(f"trained {training['steps']} steps: loss {training['first_loss']:.4f} -> {training['last_loss']:.4f}; "
-                  f"wrote {folder}/")
+                  f"run folder {folder}/")
 
 
 @app.command()

@@ -108,3 +108,25 @@ def broadcast(obj: T) -> T:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def mean_gradients(params: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
+    """Each parameter's gradient averaged over ranks, on every rank; the gradients as they are
+    outside torchrun.
+
+    Data-parallel training steps with these, so every rank takes the same optimiser step. A
+    gradient that is None on a rank counts as zeros there; None on every rank, it stays None (the
+    optimiser then skips that parameter, as one process would). One flat all-reduce in float32:
+    the trainable tensors are prompt-sized.
+    """
+    grads = [p.grad for p in params]
+    if world_size() == 1:
+        return grads
+    device = params[0].device
+    present = torch.tensor([g is not None for g in grads], dtype=torch.float32, device=device)
+    flat = torch.cat([*((g if g is not None else torch.zeros_like(p)).float().flatten()
+                        for p, g in zip(params, grads)), present])
+    dist.all_reduce(flat)
+    values = flat[: -len(params)].div_(world_size()).split([p.numel() for p in params])
+    return [v.view_as(p).to(p.dtype) if any_rank else None
+            for p, v, any_rank in zip(params, values, flat[-len(params):].tolist())]

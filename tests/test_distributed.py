@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import subprocess
 import sys
@@ -9,14 +11,16 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ColourDataset, write_colour_folder
+from conftest import TINY_CONFIG, ColourDataset, write_colour_folder
 from test_cli import run_cli
 from test_evaluate import ConditionalLearner
 from test_resume import comparable, evaluate_args
 
 from promptbench_vlm.evaluate import build_prompt_table, encode_images, merge_scores, score_conditional
+from promptbench_vlm.learners.base import read_checkpoint
 from promptbench_vlm.perturb import load_lexicon, parse_perturbations
 from promptbench_vlm.results import read_result
+from promptbench_vlm.train import run as train_run
 
 
 @pytest.fixture
@@ -70,7 +74,42 @@ def test_merged_image_shards_of_a_conditional_learner_equal_the_whole(tiny_backb
     assert merged.texts_encoded == whole.texts_encoded
 
 
-def test_train_under_torchrun_is_refused_in_one_line(monkeypatch, capsys):
+def test_two_gloo_processes_train_like_one(monkeypatch, capsys, tmp_path):
+    """--batch-size is global: 2 ranks with 3-image batches (shares of 1 and 2, the last batch 1
+    and 1) take the very steps of one process with 3-image batches, up to float rounding."""
+    root = tmp_path / "colours"
+    write_colour_folder(root / "train", per_class=4, class_stride=100)
+    write_colour_folder(root / "test", per_class=2, class_stride=100, offset=50)
+    args = ["train", "--model", str(TINY_CONFIG), "--dataset", f"folder:{root}", "--shots", "4", "--epochs", "2",
+            "--batch-size", "3", "--lr", "0.02", "--warmup-epochs", "0", "--seed", "3", "--eval-templates", "single",
+            "--eval-perturb", "none", "--bootstrap", "0", "--device", "cpu"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+         "promptbench_vlm", *args, "--output", str(tmp_path / "two")],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("trained 6 steps") == 1  # only rank 0 prints
+
+    # the CLI's few-shot cache default is fixed at import: keep this process off the user cache
+    monkeypatch.setattr(train_run, "TrainRequest", functools.partial(train_run.TrainRequest, fewshot_cache=None))
+    code, _, err = run_cli(monkeypatch, capsys, *args, "--output", str(tmp_path / "one"))
+    assert code == 0, err
+    two, _ = read_checkpoint(tmp_path / "two" / "learner.safetensors")
+    one, _ = read_checkpoint(tmp_path / "one" / "learner.safetensors")
+    assert two.keys() == one.keys()
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=0)
+    logs = [[json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+            for run in ("two", "one")]
+    assert [r["step"] for r in logs[0]] == [r["step"] for r in logs[1]] == list(range(1, 7))
+    np.testing.assert_allclose([r["loss"] for r in logs[0]], [r["loss"] for r in logs[1]], rtol=1e-4)
+    np.testing.assert_allclose([r["acc"] for r in logs[0]], [r["acc"] for r in logs[1]], rtol=1e-6)
+    assert read_result(tmp_path / "two" / "result.json")["run"]["training"]["ranks"] == 2
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+
+
+def test_own_loop_methods_under_torchrun_are_refused_in_one_line(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    code, _, err = run_cli(monkeypatch, capsys, "train", "--epochs", "1")
-    assert code == 2 and "not data-parallel yet" in err and "Traceback" not in err
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--method", "maml-clip", "--epochs", "1")
+    assert code == 2 and "runs its own training loop, which is not data-parallel" in err and "Traceback" not in err

@@ -217,6 +217,14 @@ class ANPrompt(PromptSRC):
                 terms["kl"] = kl / logits.numel() * self.weights["kl"]
         return terms, logits
 
+    def get_extra_state(self) -> dict[str, Any]:
+        """PromptSRC's aggregate and the noisy-sentence draw counter, for a resumed run."""
+        return {**super().get_extra_state(), "draws": self._draws}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        super().set_extra_state(state)
+        self._draws = state["draws"]
+
     def loss(self, images, labels, image_features=None):
         terms, logits = self.loss_terms(images, labels)
         diagnostics = {name: value.item() for name, value in terms.items()}

@@ -96,3 +96,10 @@ class PromptSRC(ERM):
         """Replace the prompts by their Gaussian-weighted average over epochs."""
         if self.gpa and self._aggregate:
             self.learner.load_learned_state(self._aggregate, "GPA aggregate")
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """The aggregate so far, in `state_dict`, so that a resumed run (`train_state`) keeps it."""
+        return {"aggregate": dict(self._aggregate)}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self._aggregate = dict(state["aggregate"])

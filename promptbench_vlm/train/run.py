@@ -1,15 +1,20 @@
 """One training run end to end: data, learner, method, loop, checkpoint, final evaluation.
 
 Writes into the output folder: ``learner.safetensors`` (the checkpoint, also the last good one
-at each epoch end), ``log.jsonl`` (one line per optimiser step), ``train.json`` (the run's
-settings) and ``result.json`` (the evaluator's result on the test split's base and new classes).
+at each epoch end), ``train_state.pt`` (what ``--resume`` continues from: the optimiser, method
+and random-generator state at the last epoch end; removed once the run is finished),
+``log.jsonl`` (one line per optimiser step), ``train.json`` (the run's settings) and
+``result.json`` (the evaluator's result on the test split's base and new classes). Under torchrun
+every rank trains on its share of each batch and evaluates its share of the images; rank 0 alone
+writes.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
-from functools import partial
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,14 +27,17 @@ from ..evaluate import EvalSettings, Evaluator, ProgressFn
 from ..files import atomic_path
 from ..learners import build_learner, load_learner_checkpoint
 from ..perturb import parse_perturbations
-from ..results import backbone_fields, build_result, write_json
+from ..results import backbone_fields, build_result, read_result, write_json
 from ..templates import load_templates
 from .fewshot import DEFAULT_CACHE, few_shot
 from .loop import TrainConfig, train
 from .maml_tasks import JointDataset
-from .method import build_method
+from .method import METHODS, build_method
+from .train_state import STATE, load_state
 
 CHECKPOINT, LOG, SETTINGS, RESULT = "learner.safetensors", "log.jsonl", "train.json", "result.json"
+VOLATILE_REQUEST_FIELDS = ("resume", "overwrite")
+"""Request fields that may differ between an interrupted run and its resumption."""
 
 
 @dataclass
@@ -53,31 +61,89 @@ class TrainRequest:
     bootstrap: int = 1000
     device: str = "auto"
     overwrite: bool = False
+    resume: bool = False
     fewshot_cache: str | None = str(DEFAULT_CACHE)
     dataset_options: DatasetOptions = field(default_factory=DatasetOptions)
 
 
-def prepare_output(folder: Path, overwrite: bool) -> None:
-    """Refuse to clobber a finished run unless asked; start the folder clean."""
-    if (folder / RESULT).exists() and not overwrite:
-        raise UserError(f"{folder} holds a finished run ({RESULT}); pass --overwrite to replace it")
-    if folder.exists() and overwrite:
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / LOG).unlink(missing_ok=True)
-
-
-def run_training(request: TrainRequest, run_info: dict[str, Any], progress: ProgressFn | None = None) -> dict[str, Any]:
-    """Train, checkpoint and evaluate; return the result document (also written to disk)."""
-    import torch
-
-    if distributed.launched():
-        raise UserError("promptbench train is not data-parallel yet: under torchrun every rank would train its own "
-                        "copy into one folder; run it as a single process")
-    folder = Path(request.output)
+def check_request(request: TrainRequest) -> None:
+    """Refuse what cannot run, before any data or model loads."""
     config = request.config
     if config.epochs < 1 or config.batch_size < 1 or config.accumulate < 1:
         raise UserError("--epochs, --batch-size and --accumulate must be at least 1")
+    if request.resume and request.overwrite:
+        raise UserError("--resume continues the run in the output folder and --overwrite replaces it: pass one of them")
+    if METHODS.get(request.method).fit is not None:  # its own loop (maml-clip): no state, no sharding
+        if request.resume:
+            raise UserError(f"method '{request.method}' runs its own training loop, which cannot --resume; "
+                            "run it again with --overwrite")
+        if distributed.launched():
+            raise UserError(f"method '{request.method}' runs its own training loop, which is not data-parallel; "
+                            "run it as a single process, not under torchrun")
+
+
+def prepare_output(folder: Path, request: TrainRequest) -> str:
+    """Ready the run folder and say what to do with it.
+
+    Returns:
+        "fresh" (start clean), "resume" (continue after the last finished epoch) or "complete"
+        (``--resume`` on a finished run of the same request: nothing to do).
+
+    Raises:
+        UserError: a finished run without ``--overwrite``, or ``--resume`` on another run's folder.
+    """
+    if request.resume and (folder / SETTINGS).exists():
+        check_same_run(folder / SETTINGS, request)
+        if (folder / RESULT).exists():
+            return "complete"
+        if (folder / STATE).exists():
+            return "resume"
+    if (folder / RESULT).exists() and not request.overwrite:
+        raise UserError(f"{folder} holds a finished run ({RESULT}); pass --overwrite to replace it")
+    if folder.exists() and request.overwrite:
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in (LOG, STATE):  # another run's leftovers
+        (folder / name).unlink(missing_ok=True)
+    return "fresh"
+
+
+def check_same_run(path: Path, request: TrainRequest) -> None:
+    """Refuse to resume a folder whose ``train.json`` records another request; name the keys."""
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))["request"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise UserError(f"--resume: cannot read the run settings {path} ({err!r}); pass --overwrite to start over"
+                        ) from None
+    differing = _differing(_comparable(earlier), _comparable(_jsonable(request)))
+    if differing:
+        raise UserError(f"--resume: {path.parent} holds another run ({', '.join(differing)} differ); "
+                        "pass the options of that run, or another --output")
+
+
+def keep_log_until(path: Path, step: int) -> None:
+    """Drop the log lines of steps after `step`: the resumed run does them again."""
+    if path.exists():
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(line for line in lines if _logged_step(line) <= step), encoding="utf-8")
+
+
+def run_training(request: TrainRequest, run_info: dict[str, Any], progress: ProgressFn | None = None,
+                 note: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Train, checkpoint and evaluate; return the result document (also written to disk).
+
+    Under torchrun every rank calls this alike. `note` receives one-line messages for the user
+    (resuming, already complete), on rank 0.
+    """
+    import torch
+
+    check_request(request)
+    device = distributed.setup(request.device)
+    main = distributed.is_main()
+    say = note if note and main else (lambda _: None)
+    folder = Path(request.output)
+    config = request.config
     eval_templates = load_templates(request.eval_templates)
     eval_specs = parse_perturbations(request.eval_perturb)
     options = request.dataset_options
@@ -89,9 +155,19 @@ def run_training(request: TrainRequest, run_info: dict[str, Any], progress: Prog
     eval_subsets = ["base", "new"] if request.subset == "base" else [request.subset]
     test_sets = [load_dataset(sources[0], DatasetOptions(**{**options.__dict__, "split": "test"}), s)
                  for s in eval_subsets]
-    prepare_output(folder, request.overwrite)
+    mode = distributed.main_only(lambda: prepare_output(folder, request))
+    if mode == "complete":
+        say(f"{folder} is already complete: nothing to resume")
+        return read_result(folder / RESULT)
+    start = load_state(folder / STATE) if mode == "resume" else None
+    if start is not None:
+        if main:
+            keep_log_until(folder / LOG, start.step)
+        say(f"resuming {folder} after epoch {start.epoch} of {config.epochs}")
+    elif request.resume:
+        say(f"--resume: no finished epoch in {folder}; starting afresh")
 
-    backbone = load_backbone(request.model, request.pretrained, request.device)
+    backbone = load_backbone(request.model, request.pretrained, device)
     torch.manual_seed(config.seed)
     if request.init:
         learner = load_learner_checkpoint(request.init, backbone)
@@ -101,17 +177,22 @@ def run_training(request: TrainRequest, run_info: dict[str, Any], progress: Prog
         learner = build_learner(request.learner, backbone, request.learner_options)
     method = build_method(request.method, learner, train_data.classnames, request.method_options)
     lr = config.lr if config.lr is not None else getattr(method, "default_lr", lambda _: method.lr)(learner.name)
-    settings = {"request": _jsonable(request), "lr": lr, "train_images": len(train_data)}
-    with atomic_path(folder / SETTINGS) as tmp:
-        tmp.write_text(json.dumps(settings, indent=2))
+    if main and start is None:
+        settings = {"request": _jsonable(request), "lr": lr, "train_images": len(train_data)}
+        with atomic_path(folder / SETTINGS) as tmp:
+            tmp.write_text(json.dumps(settings, indent=2))
 
     extra = {"method": request.method, "method_options": method.options, "train": config.to_dict(), "lr": lr,
              "dataset": request.dataset, "subset": request.subset, "shots": request.shots}
     checkpoint = folder / CHECKPOINT
-    fit = method.fit if method.fit is not None else partial(train, method)
-    outcome = fit(train_data, config, lr, log_path=folder / LOG,
-                  on_epoch_end=lambda epoch: learner.save(checkpoint, {**extra, "epoch": epoch}), progress=progress)
-    learner.save(checkpoint, {**extra, "epoch": config.epochs, "final": True})
+    save = (lambda epoch: learner.save(checkpoint, {**extra, "epoch": epoch})) if main else None
+    if method.fit is not None:
+        outcome = method.fit(train_data, config, lr, log_path=folder / LOG, on_epoch_end=save, progress=progress)
+    else:
+        outcome = train(method, train_data, config, lr, log_path=folder / LOG, on_epoch_end=save, progress=progress,
+                        state_path=folder / STATE, start=start)
+    if main:
+        learner.save(checkpoint, {**extra, "epoch": config.epochs, "final": True})
 
     evaluator = Evaluator(learner, EvalSettings(templates=eval_templates.templates, perturbations=tuple(eval_specs),
                                                 seed=config.seed, bootstrap=request.bootstrap), progress=progress)
@@ -124,9 +205,12 @@ def run_training(request: TrainRequest, run_info: dict[str, Any], progress: Prog
            "draws": 1, "seed": config.seed, "bootstrap": request.bootstrap, "device": str(backbone.device),
            "training": {**extra, "steps": outcome.steps, "first_loss": outcome.losses[0] if outcome.losses else None,
                         "last_loss": outcome.losses[-1] if outcome.losses else None,
-                        "train_wall_time_s": outcome.wall_time_s, "skipped_images": outcome.skipped_images}}
+                        "train_wall_time_s": outcome.wall_time_s, "skipped_images": outcome.skipped_images,
+                        "ranks": distributed.world_size()}}
     doc = build_result(run, subsets)
-    write_json(doc, folder / RESULT)
+    if main:
+        write_json(doc, folder / RESULT)
+        (folder / STATE).unlink(missing_ok=True)  # finished: --resume now finds the result
     return doc
 
 
@@ -135,3 +219,28 @@ def _jsonable(request: TrainRequest) -> dict[str, Any]:
     data["config"] = request.config.to_dict()
     data["dataset_options"] = dict(request.dataset_options.__dict__)
     return data
+
+
+def _comparable(request: dict[str, Any]) -> dict[str, Any]:
+    plain = json.loads(json.dumps(request, default=str))
+    return {k: v for k, v in plain.items() if k not in VOLATILE_REQUEST_FIELDS}
+
+
+def _differing(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """The keys whose values differ; nested dicts are searched, their keys named ``config.lr``."""
+    out = []
+    for key in sorted(a.keys() | b.keys()):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _differing(x, y, f"{prefix}{key}.")
+        elif x != y:
+            out.append(prefix + key)
+    return out
+
+
+def _logged_step(line: str) -> float:
+    """The step of a log line; infinite for a line a kill cut short (so it is dropped)."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
