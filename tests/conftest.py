@@ -35,6 +35,13 @@ def write_colour_folder(root: Path, per_class: int, class_stride: int, offset: i
     return root
 
 
+def write_train_test_folders(root: Path, train: int, test: int) -> Path:
+    """`root/train` and `root/test` colour folders with distinct images: a training run's data."""
+    write_colour_folder(root / "train", per_class=train, class_stride=100)
+    write_colour_folder(root / "test", per_class=test, class_stride=100, offset=50)
+    return root
+
+
 def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
     """Run `promptbench ARGS` in-process; return (exit code, stdout, stderr)."""
     monkeypatch.setattr(sys, "argv", ["promptbench", *args])

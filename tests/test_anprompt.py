@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import COLOURS, TINY_CONFIG, write_colour_folder
+from conftest import COLOURS, TINY_CONFIG, write_train_test_folders
 from scipy.special import rel_entr, softmax
 
 from promptbench_vlm.backbone import Backbone, load_backbone
@@ -245,8 +245,7 @@ def test_bad_combinations_fail_clearly(tiny_backbone):
 
 def test_train_run_saves_and_scores_the_anti_noise_learner(tmp_path):
     root = tmp_path / "colours"
-    write_colour_folder(root / "train", per_class=4, class_stride=100)
-    write_colour_folder(root / "test", per_class=2, class_stride=100, offset=50)
+    write_train_test_folders(root, train=4, test=2)
     request = TrainRequest(method="anprompt", learner="maple", model=str(TINY_CONFIG), dataset=f"folder:{root}",
                            shots=4, output=str(tmp_path / "run"), method_options={"clusters": 2},
                            config=TrainConfig(epochs=1, batch_size=4, warmup_epochs=0, seed=2),

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_CONFIG, ColourDataset, run_cli, write_colour_folder
+from conftest import TINY_CONFIG, ColourDataset, run_cli, write_train_test_folders
 
 from promptbench_vlm.compare.plots import all_plots
 from promptbench_vlm.compare.stats import Group, compare_to_reference, per_image_values, summarise
@@ -29,8 +29,7 @@ TEMPLATES = ("a photo of a {}.", "a {}.", "itap of the {}.", "a bad photo of the
 def split_folder(tmp_path_factory) -> Path:
     """train/ and test/ folders of the 4 colour classes."""
     root = tmp_path_factory.mktemp("colours")
-    write_colour_folder(root / "train", per_class=4, class_stride=100)
-    write_colour_folder(root / "test", per_class=6, class_stride=100, offset=50)
+    write_train_test_folders(root, train=4, test=6)
     return root
 
 

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_CONFIG, ColourDataset, write_colour_folder
+from conftest import TINY_CONFIG, ColourDataset, write_colour_folder, write_train_test_folders
 from test_cli import run_cli
 from test_evaluate import ConditionalLearner
 from test_resume import comparable, evaluate_args
@@ -78,8 +78,7 @@ def test_two_gloo_processes_train_like_one(monkeypatch, capsys, tmp_path):
     """--batch-size is global: 2 ranks with 3-image batches (shares of 1 and 2, the last batch 1
     and 1) take the very steps of one process with 3-image batches, up to float rounding."""
     root = tmp_path / "colours"
-    write_colour_folder(root / "train", per_class=4, class_stride=100)
-    write_colour_folder(root / "test", per_class=2, class_stride=100, offset=50)
+    write_train_test_folders(root, train=4, test=2)
     args = ["train", "--model", str(TINY_CONFIG), "--dataset", f"folder:{root}", "--shots", "4", "--epochs", "2",
             "--batch-size", "3", "--lr", "0.02", "--warmup-epochs", "0", "--seed", "3", "--eval-templates", "single",
             "--eval-perturb", "none", "--bootstrap", "0", "--device", "cpu"]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import COLOURS, TINY_CONFIG, write_colour_folder
+from conftest import COLOURS, TINY_CONFIG, write_train_test_folders
 
 from promptbench_vlm.backbone import load_backbone
 from promptbench_vlm.errors import UserError
@@ -255,8 +255,7 @@ def test_bad_options_are_user_errors(tiny_backbone):
 
 def test_training_run_logs_the_diagnostics(tmp_path):
     root = tmp_path / "colours"
-    write_colour_folder(root / "train", per_class=4, class_stride=100)
-    write_colour_folder(root / "test", per_class=2, class_stride=100, offset=50)
+    write_train_test_folders(root, train=4, test=2)
     request = TrainRequest(method="promise", learner="maple", model=str(TINY_CONFIG), dataset=f"folder:{root}",
                            shots=4, output=str(tmp_path / "run"), method_options={"templates_in": 3, "templates_out": 3},
                            config=TrainConfig(epochs=1, batch_size=4, warmup_epochs=0, seed=1),

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY_CONFIG, run_cli, write_colour_folder
+from conftest import TINY_CONFIG, run_cli, write_train_test_folders
 
 from promptbench_vlm.errors import UserError
 from promptbench_vlm.train import run as train_run
@@ -28,8 +28,7 @@ PROMISE_OPTS = ("templates_in=3", "templates_out=3", "inner_steps=1", "track_imp
 def colours(tmp_path_factory) -> Path:
     """train/ (6 per class) and test/ (2 per class) folders of 4 colour classes."""
     root = tmp_path_factory.mktemp("colours")
-    write_colour_folder(root / "train", per_class=6, class_stride=100)
-    write_colour_folder(root / "test", per_class=2, class_stride=100, offset=50)
+    write_train_test_folders(root, train=6, test=2)
     return root
 
 
