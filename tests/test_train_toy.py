@@ -3,8 +3,9 @@ base accuracy does not drop below zero-shot (small settings, CPU).
 
 On the ViT toy-clip, prompt learning does not raise base accuracy over zero-shot within the
 few-shot budget (seeds 1-3, 16 shots, 5 epochs: CoOp 62.9 %, MaPLe 63.6 % against 64.5 %; see
-docs/methods.md): the base-class errors are image-side confusions that the prompts barely move.
-So this test asserts what does hold, and the README says so."""
+docs/methods.md): a linear probe on the frozen image features (`promptbench_vlm.toy.probe`, 64
+images per class) does not beat zero-shot either, so the frozen features leave no accuracy to
+gain. So this test asserts what does hold, and the README says so."""
 
 from __future__ import annotations
 
