@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+
+import pytest
 from conftest import TINY_CONFIG, write_colour_folder
 
-from promptbench_vlm.toy.probe import WEIGHT_DECAYS, probe_report
+from promptbench_vlm.toy.probe import WEIGHT_DECAYS, main, probe_report
 
 
 def test_probe_separates_what_an_untrained_text_tower_cannot(tmp_path):
@@ -17,3 +20,11 @@ def test_probe_separates_what_an_untrained_text_tower_cannot(tmp_path):
     assert report.weight_decay in WEIGHT_DECAYS
     assert report.probe_test >= 90.0, report
     assert report.probe_test >= report.zero_shot_test + 30.0, report
+
+
+def test_bad_dataset_is_one_line_and_exit_code_2(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["probe", "--dataset", "nope"])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "Valid: coop, folder" in err

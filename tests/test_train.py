@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import COLOURS, TINY_CONFIG, colour_image
+from conftest import TINY_CONFIG, write_train_test_folders
 
 from promptbench_vlm.errors import UserError
 from promptbench_vlm.learners import build_learner
@@ -21,11 +21,7 @@ from promptbench_vlm.train.run import TrainRequest, run_training
 def split_folder(tmp_path_factory) -> Path:
     """train/ and test/ folders of 4 colour classes."""
     root = tmp_path_factory.mktemp("colours")
-    for split, n in (("train", 6), ("test", 3)):
-        for c, (name, rgb) in enumerate(COLOURS.items()):
-            (root / split / name).mkdir(parents=True)
-            for i in range(n):
-                colour_image(rgb, seed=100 * c + i + (50 if split == "test" else 0)).save(root / split / name / f"{i}.png")
+    write_train_test_folders(root, train=6, test=3)
     return root
 
 

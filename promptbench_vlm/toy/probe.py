@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from ..backbone import TOY_MODEL, load_backbone
-from ..data import DatasetOptions, load_dataset
+from ..data import DatasetOptions, ImageDataset, load_dataset
+from ..errors import UserError
 from ..evaluate import encode_images, encode_texts
 from ..learners import build_learner
 from ..learners.base import PromptLearner
@@ -46,8 +47,7 @@ class ProbeReport:
     weight_decay: float
 
 
-def _features(learner: PromptLearner, spec: str, split: str, subset: str) -> tuple[torch.Tensor, torch.Tensor]:
-    dataset = load_dataset(spec, DatasetOptions(split=split), subset)
+def _features(learner: PromptLearner, dataset: ImageDataset) -> tuple[torch.Tensor, torch.Tensor]:
     feats, labels, _ = encode_images(learner, dataset)
     return feats.clone(), torch.as_tensor(labels)  # clone: out of inference mode, usable in autograd
 
@@ -62,7 +62,6 @@ def fit_probe(feats: torch.Tensor, labels: torch.Tensor, n_classes: int, weight_
 
     `scale` is the backbone's logit scale, so W starts in the range zero-shot classifiers live in.
     """
-    torch.manual_seed(0)
     weight = torch.zeros(feats.shape[1], n_classes, requires_grad=True)
     bias = torch.zeros(n_classes, requires_grad=True)
     optimizer = torch.optim.Adam([weight, bias], lr=lr)
@@ -79,8 +78,9 @@ def probe_report(model: str = TOY_MODEL, dataset: str = "toy-shapes", subset: st
     """Zero-shot and linear-probe accuracies on `subset` of `dataset` (train / val / test splits)."""
     backbone = load_backbone(model, device="cpu")
     learner = build_learner("zeroshot", backbone)
-    splits = {split: _features(learner, dataset, split, subset) for split in ("train", "val", "test")}
-    classnames = load_dataset(dataset, DatasetOptions(split="test"), subset).classnames
+    datasets = {split: load_dataset(dataset, DatasetOptions(split=split), subset) for split in ("train", "val", "test")}
+    splits = {split: _features(learner, data) for split, data in datasets.items()}
+    classnames = datasets["test"].classnames
     text = encode_texts(learner, [ZERO_SHOT_TEMPLATE.format(c) for c in classnames]).clone()
     scale = float(learner.logit_scale)
     fits = {wd: fit_probe(*splits["train"], len(classnames), wd, scale, steps) for wd in WEIGHT_DECAYS}
@@ -107,7 +107,11 @@ def main() -> None:
     parser.add_argument("--subset", default="base", choices=["all", "base", "new"])
     parser.add_argument("--steps", type=int, default=1500, help="full-batch Adam steps of the probe")
     args = parser.parse_args()
-    print(json.dumps(asdict(probe_report(args.model, args.dataset, args.subset, args.steps)), indent=2))
+    try:
+        report = probe_report(args.model, args.dataset, args.subset, args.steps)
+    except UserError as err:
+        parser.exit(2, f"error: {err}\n")
+    print(json.dumps(asdict(report), indent=2))
 
 
 if __name__ == "__main__":
