@@ -1,11 +1,9 @@
 """On the toy world, ERM training of CoOp and MaPLe learns: the full-batch training loss falls and
-base accuracy does not drop below zero-shot (small settings, CPU).
+base accuracy rises over zero-shot with the hand-written "a photo of a {}." (small settings, CPU).
 
-On the ViT toy-clip, prompt learning does not raise base accuracy over zero-shot within the
-few-shot budget (seeds 1-3, 16 shots, 5 epochs: CoOp 62.9 %, MaPLe 63.6 % against 64.5 %; see
-docs/methods.md): a linear probe on the frozen image features (`promptbench_vlm.toy.probe`, 64
-images per class) does not beat zero-shot either, so the frozen features leave no accuracy to
-gain. So this test asserts what does hold, and the README says so."""
+The room to rise comes from the toy world's domain gap: the splits are warm-lit, toy-clip was
+pretrained under neutral light, and a linear probe on its frozen features beats its zero-shot
+on the base classes (`promptbench_vlm.toy.probe`; docs/toy-world.md)."""
 
 from __future__ import annotations
 
@@ -45,7 +43,7 @@ def full_batch_loss(learner, dataset) -> float:
 
 
 @pytest.mark.parametrize(("learner_name", "lr"), [("coop", 0.05), ("maple", 0.05)])
-def test_erm_lowers_the_training_loss_without_losing_base_accuracy(tmp_path, backbone, zeroshot_base_acc, learner_name, lr):
+def test_erm_lowers_the_training_loss_and_raises_base_accuracy_over_zeroshot(tmp_path, backbone, zeroshot_base_acc, learner_name, lr):
     request = TrainRequest(
         method="erm", learner=learner_name, model="toy-clip", dataset="toy-shapes", shots=SHOTS,
         output=str(tmp_path / learner_name),
@@ -59,4 +57,4 @@ def test_erm_lowers_the_training_loss_without_losing_base_accuracy(tmp_path, bac
     after = full_batch_loss(load_learner_checkpoint(doc["run"]["checkpoint"], backbone), train_set)
     assert after < 0.97 * before, (before, after)
     trained = doc["subsets"]["base"]["metrics"]["acc_mean"]["value"]
-    assert trained >= zeroshot_base_acc - 1.5, (trained, zeroshot_base_acc)
+    assert trained >= zeroshot_base_acc + 1.0, (trained, zeroshot_base_acc)

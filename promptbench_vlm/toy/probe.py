@@ -74,9 +74,12 @@ def fit_probe(feats: torch.Tensor, labels: torch.Tensor, n_classes: int, weight_
 
 
 def probe_report(model: str = TOY_MODEL, dataset: str = "toy-shapes", subset: str = "base",
-                 steps: int = 1500) -> ProbeReport:
-    """Zero-shot and linear-probe accuracies on `subset` of `dataset` (train / val / test splits)."""
-    backbone = load_backbone(model, device="cpu")
+                 steps: int = 1500, pretrained: str | None = None) -> ProbeReport:
+    """Zero-shot and linear-probe accuracies on `subset` of `dataset` (train / val / test splits).
+
+    `pretrained` is a tag or weights file as in `load_backbone` (a candidate toy CLIP, say).
+    """
+    backbone = load_backbone(model, pretrained, device="cpu")
     learner = build_learner("zeroshot", backbone)
     datasets = {split: load_dataset(dataset, DatasetOptions(split=split), subset) for split in ("train", "val", "test")}
     splits = {split: _features(learner, data) for split, data in datasets.items()}
@@ -103,12 +106,13 @@ def probe_report(model: str = TOY_MODEL, dataset: str = "toy-shapes", subset: st
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m promptbench_vlm.toy.probe", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=TOY_MODEL)
+    parser.add_argument("--pretrained", default=None, help="pretrained tag or local weights file")
     parser.add_argument("--dataset", default="toy-shapes")
     parser.add_argument("--subset", default="base", choices=["all", "base", "new"])
     parser.add_argument("--steps", type=int, default=1500, help="full-batch Adam steps of the probe")
     args = parser.parse_args()
     try:
-        report = probe_report(args.model, args.dataset, args.subset, args.steps)
+        report = probe_report(args.model, args.dataset, args.subset, args.steps, args.pretrained)
     except UserError as err:
         parser.exit(2, f"error: {err}\n")
     print(json.dumps(asdict(report), indent=2))

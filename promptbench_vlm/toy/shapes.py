@@ -24,6 +24,14 @@ Splits have fixed sizes per class: train 64, val 8, test 20. The toy-clip traine
 train indices past the split's end (`render`), still deterministic and never overlapping val or
 test, whose random streams are separate.
 
+Light: the splits are lit by a warm lamp (channel gains R 1.25, G 1, B 0.75), the toy CLIP's
+pretraining pool by neutral light. The warm cast moves colours towards their neighbours (pink
+towards orange, purple towards red), so the pretrained text classifier no longer sits on the
+classes' image features, while the features still separate them: zero-shot drops below a
+linear probe on the frozen features, the room that few-shot prompt learning has on real CLIP
+benchmarks (measured with `promptbench_vlm.toy.probe`; docs/toy-world.md). The light is a
+property of the domain, not a per-image nuisance, and no caption names it.
+
 `caption` is the grammar the toy CLIP is trained on: the class name plus, sometimes, words of the
 60 PromptSRC templates for the nuisance factors actually present (``dark``, ``blurry``,
 ``pixelated``, ``low resolution``, ``cropped``, ``many``, ``sketch``, ``doodle``, ...). Because
@@ -66,6 +74,11 @@ BACKGROUND_LEVELS = {"dark": (10, 60), "mid": (90, 150), "bright": (190, 245)}
 SIZE_RADII = {"small": (4.0, 6.0), "medium": (7.0, 9.5), "large": (10.5, 14.0)}
 P_BLUR, P_PIXELATED, P_MANY, P_CROPPED = 0.2, 0.15, 0.15, 0.15
 STYLES, STYLE_PROBS = ("filled", "outline", "sketch"), (0.6, 0.2, 0.2)
+
+# Channel gains of the light a scene is lit by. The toy CLIP is pretrained on `PRETRAIN_LIGHT`
+# images; the toy-shapes splits are lit by `DATASET_LIGHT`, a shift the pretraining never saw.
+LIGHTS: dict[str, tuple[float, float, float]] = {"neutral": (1.0, 1.0, 1.0), "warm": (1.25, 1.0, 0.75)}
+PRETRAIN_LIGHT, DATASET_LIGHT = "neutral", "warm"
 
 P_BARE_CAPTION = 0.15  # a caption that is the class name alone
 P_WORD = 0.5  # each present nuisance is named with this probability
@@ -152,7 +165,7 @@ def _draw_object(draw: ImageDraw.ImageDraw, points: list, colour: tuple, style: 
             draw.line(stroke + stroke[:1], fill=colour, width=max(SUPERSAMPLE, int(0.15 * r)))
 
 
-def render(split: str, index: int, seed: int = 0) -> tuple[Image.Image, int, Factors]:
+def render(split: str, index: int, seed: int = 0, light: str = DATASET_LIGHT) -> tuple[Image.Image, int, Factors]:
     """Draw image `index` of `split` (any index >= 0, also past the split's fixed size).
 
     Returns:
@@ -180,7 +193,7 @@ def render(split: str, index: int, seed: int = 0) -> tuple[Image.Image, int, Fac
         small = int(rng.choice([8, 10, 12]))
         image = image.resize((small, small), Image.Resampling.BOX).resize((IMAGE_SIZE,) * 2, Image.Resampling.NEAREST)
     noise = rng.normal(0, 5, (IMAGE_SIZE, IMAGE_SIZE, 3))
-    pixels = np.clip(np.asarray(image, dtype=np.float64) + noise, 0, 255).astype(np.uint8)
+    pixels = np.clip(np.asarray(image, dtype=np.float64) * LIGHTS[light] + noise, 0, 255).astype(np.uint8)
     return Image.fromarray(pixels, "RGB"), label, f
 
 

@@ -15,7 +15,9 @@ convolutional prior, learns both:
 The image pool is the train split's 64 images per class plus further train indices rendered
 past the split's end (`--per-class` in all), because 3,072 images are too few for the captions'
 variety and for distillation; the teacher trains on the first `teacher_per_class` of each
-class. Everything is seeded and runs with deterministic algorithms on
+class. The pool is rendered under `shapes.PRETRAIN_LIGHT` (neutral), while the toy-shapes
+splits are lit by `shapes.DATASET_LIGHT` (a warm lamp): the toy's domain gap between
+pretraining and the downstream dataset, which leaves few-shot prompt learning something to gain. Everything is seeded and runs with deterministic algorithms on
 2 CPU threads, so the same command gives the same weights.
 
 The card's zero-shot figures are computed from the weights as saved (float16, as shipped), on
@@ -44,7 +46,7 @@ from safetensors.torch import save_file
 from ..backbone import TOY_CONFIG, TOY_DIR, TOY_WEIGHTS
 from ..perturb import fill_template
 from ..templates import DEFAULT_TEMPLATES, load_templates
-from .shapes import CLASSNAMES, SPLIT_SIZES, ToyShapes, caption, render
+from .shapes import CLASSNAMES, DATASET_LIGHT, PRETRAIN_LIGHT, SPLIT_SIZES, ToyShapes, caption, render
 
 TEACHER_CONFIG = TOY_DIR / "toy-clip-teacher.json"
 
@@ -84,7 +86,7 @@ def render_pool(per_class: int, seed: int, preprocess: Callable) -> tuple[torch.
     """Preprocessed train images ``[per_class * 48, 3, H, W]`` and their (label, factors)."""
     images, meta = [], []
     for index in range(per_class * len(CLASSNAMES)):
-        image, label, factors = render("train", index, seed)
+        image, label, factors = render("train", index, seed, PRETRAIN_LIGHT)
         images.append(preprocess(image))
         meta.append((label, factors))
     return torch.stack(images), meta
@@ -285,7 +287,8 @@ def make_card(cfg: TrainConfig, command: str, wall_s: float, trained: Trained, r
             ],
             "data": (
                 f"toy-shapes train indices 0..{cfg.per_class * len(CLASSNAMES) - 1} ({cfg.per_class} per class: "
-                f"the {SPLIT_SIZES['train']}-per-class train split plus further train indices); the teacher trains "
+                f"the {SPLIT_SIZES['train']}-per-class train split plus further train indices) under the "
+                f"{PRETRAIN_LIGHT} light (the splits themselves are {DATASET_LIGHT}-lit); the teacher trains "
                 f"on the first {min(cfg.teacher_per_class, cfg.per_class) * len(CLASSNAMES)}"
             ),
             "wall_time_s": round(wall_s, 1),
@@ -300,7 +303,8 @@ def make_card(cfg: TrainConfig, command: str, wall_s: float, trained: Trained, r
             "torch": torch.__version__,
             "open_clip": open_clip.__version__,
         },
-        "zero_shot": {"dataset": "toy-shapes", "split": "test", "templates": DEFAULT_TEMPLATES, **results},
+        "zero_shot": {"dataset": "toy-shapes", "split": "test", "light": DATASET_LIGHT, "templates": DEFAULT_TEMPLATES,
+                      **results},
     }
 
 
