@@ -99,8 +99,8 @@ def test_the_splits_are_warm_lit_while_the_pretraining_pool_is_neutral():
         w, n = np.asarray(warm, dtype=float), np.asarray(neutral, dtype=float)
         assert w[..., 0].mean() > n[..., 0].mean() and w[..., 2].mean() < n[..., 2].mean()
     assert ToyShapes("test").load(7).tobytes() == render("test", 7, light=DATASET_LIGHT)[0].tobytes()
-    pool, _ = toy_train.render_pool(1, 0, lambda image: torch.as_tensor(np.asarray(image)))
-    assert torch.equal(pool[3], torch.as_tensor(np.asarray(render("train", 3, light=PRETRAIN_LIGHT)[0])))
+    pool, _ = toy_train.render_pool(1, 0, lambda image: torch.as_tensor(np.array(image)))
+    assert torch.equal(pool[3], torch.as_tensor(np.array(render("train", 3, light=PRETRAIN_LIGHT)[0])))
 
 
 def test_both_training_stages_make_their_loss_fall(tiny_config: Path):

@@ -28,3 +28,12 @@ def test_bad_dataset_is_one_line_and_exit_code_2(monkeypatch, capsys):
         main()
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.count("\n") == 1 and "Valid: coop, folder" in err
+
+
+def test_candidate_weights_are_passed_to_the_backbone(monkeypatch, capsys, tmp_path):
+    missing = tmp_path / "candidate.safetensors"
+    monkeypatch.setattr(sys, "argv", ["probe", "--pretrained", str(missing)])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and f"weights file not found: {missing}" in err
