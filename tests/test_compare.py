@@ -28,9 +28,7 @@ TEMPLATES = ("a photo of a {}.", "a {}.", "itap of the {}.", "a bad photo of the
 @pytest.fixture(scope="module")
 def split_folder(tmp_path_factory) -> Path:
     """train/ and test/ folders of the 4 colour classes."""
-    root = tmp_path_factory.mktemp("colours")
-    write_train_test_folders(root, train=4, test=6)
-    return root
+    return write_train_test_folders(tmp_path_factory.mktemp("colours"), train=4, test=6)
 
 
 @pytest.fixture(scope="module")

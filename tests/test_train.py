@@ -20,9 +20,7 @@ from promptbench_vlm.train.run import TrainRequest, run_training
 @pytest.fixture(scope="module")
 def split_folder(tmp_path_factory) -> Path:
     """train/ and test/ folders of 4 colour classes."""
-    root = tmp_path_factory.mktemp("colours")
-    write_train_test_folders(root, train=6, test=3)
-    return root
+    return write_train_test_folders(tmp_path_factory.mktemp("colours"), train=6, test=3)
 
 
 def request(folder: Path, out: Path, **kw) -> TrainRequest:

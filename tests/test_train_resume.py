@@ -27,9 +27,7 @@ PROMISE_OPTS = ("templates_in=3", "templates_out=3", "inner_steps=1", "track_imp
 @pytest.fixture(scope="module")
 def colours(tmp_path_factory) -> Path:
     """train/ (6 per class) and test/ (2 per class) folders of 4 colour classes."""
-    root = tmp_path_factory.mktemp("colours")
-    write_train_test_folders(root, train=6, test=2)
-    return root
+    return write_train_test_folders(tmp_path_factory.mktemp("colours"), train=6, test=2)
 
 
 def erm_request(folder: Path, out: Path, **kw) -> TrainRequest:
