@@ -26,11 +26,12 @@ test, whose random streams are separate.
 
 Light: the splits are lit by a warm lamp (channel gains R 1.25, G 1, B 0.75), the toy CLIP's
 pretraining pool by neutral light. The warm cast moves colours towards their neighbours (pink
-towards orange, purple towards red), so the pretrained text classifier no longer sits on the
-classes' image features, while the features still separate them: zero-shot drops below a
-linear probe on the frozen features, the room that few-shot prompt learning has on real CLIP
-benchmarks (measured with `promptbench_vlm.toy.probe`; docs/toy-world.md). The light is a
-property of the domain, not a per-image nuisance, and no caption names it.
+turns salmon, purple magenta, brown rust, yellow orange-ish), so the pretrained text
+classifier no longer sits on the classes' image features, while the features still separate
+them: zero-shot drops below a linear probe on the frozen features, the room that few-shot
+prompt learning has on real CLIP benchmarks (measured with `promptbench_vlm.toy.probe`;
+docs/toy-world.md). The light is a property of the domain, not a per-image nuisance, and no
+caption names it.
 
 `caption` is the grammar the toy CLIP is trained on: the class name plus, sometimes, words of the
 60 PromptSRC templates for the nuisance factors actually present (``dark``, ``blurry``,
@@ -167,6 +168,9 @@ def _draw_object(draw: ImageDraw.ImageDraw, points: list, colour: tuple, style: 
 
 def render(split: str, index: int, seed: int = 0, light: str = DATASET_LIGHT) -> tuple[Image.Image, int, Factors]:
     """Draw image `index` of `split` (any index >= 0, also past the split's fixed size).
+
+    `light` (a key of `LIGHTS`) scales the colour channels; the splits are `DATASET_LIGHT`, the toy
+    CLIP's pretraining pool `PRETRAIN_LIGHT`. Factors and label do not depend on it.
 
     Returns:
         The RGB image, its label (``index % 48``) and its nuisance factors.
