@@ -17,8 +17,9 @@ past the split's end (`--per-class` in all), because 3,072 images are too few fo
 variety and for distillation; the teacher trains on the first `teacher_per_class` of each
 class. The pool is rendered under `shapes.PRETRAIN_LIGHT` (neutral), while the toy-shapes
 splits are lit by `shapes.DATASET_LIGHT` (a warm lamp): the toy's domain gap between
-pretraining and the downstream dataset, which leaves few-shot prompt learning something to gain. Everything is seeded and runs with deterministic algorithms on
-2 CPU threads, so the same command gives the same weights.
+pretraining and the downstream dataset, which leaves few-shot prompt learning something to
+gain. Everything is seeded and runs with deterministic algorithms on 2 CPU threads, so the
+same command gives the same weights.
 
 The card's zero-shot figures are computed from the weights as saved (float16, as shipped), on
 the test split over the 60 PromptSRC templates, the way `promptbench evaluate` computes them.
@@ -72,6 +73,11 @@ class TrainConfig:
     per_class: int = 512
     seed: int = 0
     threads: int = 2
+
+    @property
+    def teacher_images(self) -> int:
+        """How many pool images (the first of each class, in index order) the teacher trains on."""
+        return min(self.teacher_per_class, self.per_class) * len(CLASSNAMES)
 
 
 def build_model(config: str | Path) -> tuple[torch.nn.Module, Callable, Callable]:
@@ -141,7 +147,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> Trained:
         torch.manual_seed(cfg.seed)
         teacher, preprocess, tokenizer = build_model(cfg.teacher_config)
         images, meta = render_pool(cfg.per_class, cfg.seed, preprocess)
-        n_teacher = min(cfg.teacher_per_class, cfg.per_class) * len(CLASSNAMES)
+        n_teacher = cfg.teacher_images
         contrastive = train_contrastive(teacher, tokenizer, images[:n_teacher], meta[:n_teacher], cfg, log)
         student, _, _ = build_model(cfg.config)
         distill = distill_image_tower(teacher, student, images, cfg, log)
@@ -289,7 +295,7 @@ def make_card(cfg: TrainConfig, command: str, wall_s: float, trained: Trained, r
                 f"toy-shapes train indices 0..{cfg.per_class * len(CLASSNAMES) - 1} ({cfg.per_class} per class: "
                 f"the {SPLIT_SIZES['train']}-per-class train split plus further train indices) under the "
                 f"{PRETRAIN_LIGHT} light (the splits themselves are {DATASET_LIGHT}-lit); the teacher trains "
-                f"on the first {min(cfg.teacher_per_class, cfg.per_class) * len(CLASSNAMES)}"
+                f"on the first {cfg.teacher_images}"
             ),
             "wall_time_s": round(wall_s, 1),
             "contrastive_loss_first": trained.contrastive_losses[0],
