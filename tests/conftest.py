@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -52,6 +55,35 @@ def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *arg
         code = exit_.code or 0
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def console_script() -> str:
+    """The installed `promptbench` console script of this interpreter's environment (as users get it)."""
+    beside = Path(sys.executable).parent / "promptbench"
+    found = str(beside) if beside.exists() else shutil.which("promptbench")
+    if not found:
+        raise RuntimeError("the promptbench console script is not installed: pip install -e .")
+    return found
+
+
+def run_console(*args: str, cwd: str | Path | None = None, env: dict[str, str] | None = None,
+                timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the installed `promptbench ARGS` in a subprocess; stdout and stderr captured as text.
+
+    The test's `PROMPTBENCH_CACHE` (see `private_cache`) is inherited through the environment.
+    """
+    return subprocess.run([console_script(), *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=cwd, env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str, code: int = 2) -> None:
+    """A clear usage/input error: exit `code`, no traceback, one non-empty stderr line holding `needles`."""
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == code, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    for needle in needles:
+        assert needle.lower() in lines[0].lower(), (needle, lines[0])
 
 
 class ColourDataset(ImageDataset):
