@@ -228,3 +228,22 @@ def test_plot_without_matplotlib_says_what_to_install(monkeypatch, capsys, learn
     code, _, err = run_cli(monkeypatch, capsys, "compare", "--method", "zeroshot", "--plot",
                            "--output", str(tmp_path / "y"))
     assert code == 2 and "promptbench_vlm[plot]" in err and not (tmp_path / "y").exists()
+
+
+def test_several_seeds_are_tested_over_seeds_and_images_with_holm_over_the_family(learner_docs):
+    a, n = learner_docs["coop"], learner_docs["noisy"]
+    summaries = [summarise(Group("erm", "coop", "colours", {1: a, 2: a, 3: a}), 200),
+                 summarise(Group("noisy", "coop", "colours", {1: n, 2: n, 3: n}), 200),
+                 summarise(Group("flip", "coop", "colours", {1: n, 2: a, 3: a}), 200)]
+    tests = compare_to_reference(summaries, "erm", n_resamples=500)
+    noisy = {t.metric: t for t in tests if t.group == "noisy/coop"}
+    flip = {t.metric: t for t in tests if t.group == "flip/coop"}
+    assert {t.test for t in tests} == {"seeds x images"} and all(t.seeds == (1, 2, 3) for t in tests)
+    assert all(t.p_holm >= t.p_value for t in tests)
+    family = [t for t in tests if t.group == "noisy/coop"]
+    ranked = sorted(family, key=lambda t: t.p_value)
+    assert ranked[0].p_holm == pytest.approx(min(1.0, len(family) * ranked[0].p_value))
+    # identical seeds: the seed factor adds nothing, the difference stands; one seed in three: it does not
+    assert noisy["sensitivity"].significant and noisy["sensitivity"].seed_test.p_value == 0.0
+    assert not flip["sensitivity"].significant and flip["sensitivity"].ci[0] <= 0 <= flip["sensitivity"].ci[1]
+    assert flip["sensitivity"].seed_test.per_seed[1:] == (0.0, 0.0)

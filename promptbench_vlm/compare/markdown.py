@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .grid import RunRecord
 from .stats import Comparison, GroupSummary
-from .tables import headline_table, paired_table, perturbation_tables, runs_table, to_markdown
+from .tables import headline_table, paired_table, perturbation_tables, runs_table, survivors, to_markdown
 
 
 def write_markdown(path: str | Path, title: str, setup: list[str], summaries: list[GroupSummary],
@@ -30,9 +30,15 @@ def write_markdown(path: str | Path, title: str, setup: list[str], summaries: li
         parts += ["## Runs that did not finish", "", to_markdown(failed)]
     parts += ["## Accuracy and sensitivity", "", to_markdown(headline_table(summaries))]
     if comparisons:
+        tested = sum(c.p_value is not None for c in comparisons)
+        kept = survivors(comparisons)
         parts += ["## Paired tests against the reference", "",
-                  "Bootstrap over test images of the per-image difference (seed-averaged values), "
-                  "as in docs/metrics.md; no correction for multiple comparisons.", "",
+                  "With several seeds: the crossed bootstrap over training seeds and test images of the "
+                  "paired per-image difference, with a paired t-test over seeds beside it; with one seed: "
+                  "the bootstrap over test images (docs/metrics.md). Holm's correction over each method's "
+                  "family of tests (every subset and metric against the same reference).", "",
+                  f"**Differences that survive Holm's correction ({len(kept)} of {tested} tested):**", "",
+                  *([f"- {line}" for line in kept] or ["- none"]), "",
                   to_markdown(paired_table(comparisons))]
     pert = perturbation_tables(summaries)
     if pert:

@@ -2,9 +2,12 @@
 
 A group is one (method, learner, dataset) with one result per seed. Each number is reported as
 the mean over seeds ± their standard deviation (ddof 0, as everywhere in this toolkit) and a
-95 % interval: the bootstrap over images of the per-image values averaged over seeds (the seeds
-see the same test images, so the seed-averaged value of an image is well defined). Paired tests
-use `metrics.paired_difference` on those seed-averaged per-image vectors.
+95 % interval that counts both sources of variation: the crossed seed x image bootstrap of the
+per-seed, per-image values (`inference.crossed_bootstrap`; every seed sees the same test images).
+A difference against the reference is tested the same way on the paired table (same seeds,
+same images), with a seed-level paired t-test beside it; with a single seed the image-level
+paired bootstrap (`metrics.paired_difference`) is the test. Holm's correction runs over each
+family: one method against its reference on one dataset (every subset, wording and metric).
 """
 
 from __future__ import annotations
@@ -14,11 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from ..metrics import bootstrap_mean_ci, paired_difference
+from ..metrics import paired_difference
+from .inference import SeedTest, crossed_bootstrap, holm, seed_paired_test
 
 CLEAN_METRICS = ("acc_mean", "sensitivity")
 PERTURBATION_METRICS = ("AS", "LPR", "TS")
 PAIRED_PERTURBATION_METRICS = ("AS", "LPR")
+ALPHA = 0.05
+"""Family-wise error rate of the Holm-corrected verdicts."""
 
 
 @dataclass
@@ -56,13 +62,24 @@ class GroupSummary:
     perturbations: dict[str, dict[str, dict[str, Cell]]]  # subset -> op:level -> metric -> cell
     per_template: dict[str, np.ndarray]  # subset -> [T] accuracy, mean over seeds
     templates: list[str]
-    per_image: dict[str, dict[str, np.ndarray]]  # subset -> metric key -> [N], mean over seeds
+    per_image: dict[str, dict[str, np.ndarray]]  # subset -> metric key -> [S, N], rows in `seeds` order
     labels: dict[str, np.ndarray]  # subset -> [N], for the pairing check
+    seeds: list[int] = field(default_factory=list)
 
 
 @dataclass
 class Comparison:
-    """A paired test of one group against the reference on one metric of one subset."""
+    """A paired test of one group against the reference on one metric of one subset.
+
+    Attributes:
+        diff, ci, p_value: The difference (group − reference), its 95 % interval and p-value:
+            crossed seed x image bootstrap with several seeds, image-level paired bootstrap with one.
+        test: Which of the two (``"seeds x images"`` or ``"images (1 seed)"``).
+        seed_test: The paired t-test over seeds (None with one seed).
+        p_holm: `p_value` after Holm's correction over the family (group, reference, dataset).
+        significant: Whether the difference survives that correction (``p_holm < ALPHA``).
+        seeds: The seeds both sides share (the pairs used).
+    """
 
     group: str
     reference: str
@@ -74,6 +91,14 @@ class Comparison:
     p_value: float | None
     significant: bool
     note: str = ""
+    test: str = ""
+    seed_test: SeedTest | None = None
+    p_holm: float | None = None
+    seeds: tuple[int, ...] = ()
+
+    @property
+    def family(self) -> tuple[str, str, str]:
+        return self.group, self.reference, self.dataset
 
 
 def per_image_values(doc: dict[str, Any], subset: str) -> tuple[np.ndarray, dict[str, np.ndarray]] | None:
@@ -86,7 +111,7 @@ def per_image_values(doc: dict[str, Any], subset: str) -> tuple[np.ndarray, dict
     counts = body.get("per_image")
     if not counts:
         return None
-    n_templates = len(doc["run"]["templates"])
+    n_templates = len(body["per_template_acc"])  # the subset's own wording pool
     clean_acc = 100.0 * np.asarray(counts["correct"], dtype=np.float64) / n_templates
     values = {"acc_mean": clean_acc, "sensitivity": np.asarray(counts["sensitivity"], dtype=np.float64)}
     draws = {p["label"]: p["draws"] for p in body["perturbations"]}
@@ -102,18 +127,20 @@ def per_image_values(doc: dict[str, Any], subset: str) -> tuple[np.ndarray, dict
 def _cell(per_seed: list[float], per_image: np.ndarray | None, fallback_ci: list | None, n_resamples: int,
           seed: int) -> Cell:
     """Mean ± std over seeds and an interval: with one seed the result file's own (so both agree),
-    else the bootstrap of the seed-averaged per-image values when the files hold them."""
+    else the crossed seed x image bootstrap of the ``[S, N]`` per-image values when the files
+    hold them."""
     ci: tuple[float, float] | None = None
     if fallback_ci and len(per_seed) == 1:
         ci = (float(fallback_ci[0]), float(fallback_ci[1]))
     elif per_image is not None and n_resamples > 0:
-        ci = bootstrap_mean_ci(per_image, n_resamples, seed)
+        ci = crossed_bootstrap(per_image, n_resamples, seed).ci
     return Cell(float(np.mean(per_seed)), float(np.std(per_seed)), ci, len(per_seed))
 
 
 def summarise(group: Group, n_resamples: int = 1000, seed: int = 0) -> GroupSummary:
     """Aggregate a group's result documents over seeds (subsets every seed has)."""
-    docs = [group.docs[s] for s in sorted(group.docs)]
+    seeds = sorted(group.docs)
+    docs = [group.docs[s] for s in seeds]
     subsets = [s for s in docs[0]["subsets"] if all(s in d["subsets"] for d in docs)]
     clean: dict[str, dict[str, Cell]] = {}
     perturbations: dict[str, dict[str, dict[str, Cell]]] = {}
@@ -125,7 +152,7 @@ def summarise(group: Group, n_resamples: int = 1000, seed: int = 0) -> GroupSumm
         values = [per_image_values(d, subset) for d in docs]
         if all(v is not None for v in values) and all(np.array_equal(v[0], values[0][0]) for v in values):
             labels[subset] = values[0][0]
-            per_image[subset] = {k: np.mean([v[1][k] for v in values], axis=0) for k in values[0][1]}
+            per_image[subset] = {k: np.stack([v[1][k] for v in values]) for k in values[0][1]}
         images = per_image.get(subset, {})
         clean[subset] = {
             m: _cell([b["metrics"][m]["value"] for b in bodies], images.get(m), bodies[0]["metrics"][m].get("ci"),
@@ -149,7 +176,7 @@ def summarise(group: Group, n_resamples: int = 1000, seed: int = 0) -> GroupSumm
             per_seed = [d["base_new"][key] for d in docs]
             base_new[key] = Cell(float(np.mean(per_seed)), float(np.std(per_seed)), ci, len(per_seed))
     return GroupSummary(group, subsets, clean, base_new, perturbations, per_template,
-                        list(docs[0]["run"]["templates"]), per_image, labels)
+                        list(docs[0]["run"]["templates"]), per_image, labels, seeds)
 
 
 def find_reference(summaries: list[GroupSummary], reference: str, dataset: str, learner: str) -> GroupSummary | None:
@@ -167,10 +194,11 @@ def find_reference(summaries: list[GroupSummary], reference: str, dataset: str, 
 
 def compare_to_reference(summaries: list[GroupSummary], reference: str, n_resamples: int = 1000, seed: int = 0
                          ) -> list[Comparison]:
-    """Paired bootstrap of every group against the reference on acc_mean, S(θ), AS and LPR.
+    """Paired tests of every group against the reference on acc_mean, S(θ), AS and LPR, Holm-corrected.
 
     A pair is tested on a subset only when both hold per-image values for the same images (equal
-    label vectors); otherwise it is listed with a note saying why it was not tested.
+    label vectors) and share at least one seed; otherwise it is listed with a note saying why it
+    was not tested. Only the seeds both sides ran are paired.
     """
     out: list[Comparison] = []
     for summary in summaries:
@@ -178,6 +206,7 @@ def compare_to_reference(summaries: list[GroupSummary], reference: str, n_resamp
         ref = find_reference(summaries, reference, g.dataset, g.learner)
         if ref is None or ref is summary:
             continue
+        shared = [s for s in summary.seeds if s in ref.seeds]
         for subset in summary.subsets:
             metrics = list(CLEAN_METRICS) + [f"{label}/{m}" for label in summary.perturbations.get(subset, {})
                                              for m in PAIRED_PERTURBATION_METRICS]
@@ -187,6 +216,8 @@ def compare_to_reference(summaries: list[GroupSummary], reference: str, n_resamp
                 note = "no per-image values in the result file(s)"
             elif not np.array_equal(summary.labels[subset], ref.labels[subset]):
                 note = "different test images"
+            elif not shared:
+                note = "no seed in common"
             elif n_resamples < 1:
                 note = "bootstrap is off"
             for metric in metrics:
@@ -194,7 +225,34 @@ def compare_to_reference(summaries: list[GroupSummary], reference: str, n_resamp
                     out.append(Comparison(g.label, ref.group.label, g.dataset, subset, metric, None, None, None, False,
                                           note or "metric missing on one side"))
                     continue
-                test = paired_difference(a[metric], b[metric], n_resamples, seed)
-                out.append(Comparison(g.label, ref.group.label, g.dataset, subset, metric, test.diff, test.ci,
-                                      test.p_value, test.significant))
-    return out
+                rows_a = a[metric][[summary.seeds.index(s) for s in shared]]
+                rows_b = b[metric][[ref.seeds.index(s) for s in shared]]
+                out.append(_paired(g.label, ref.group.label, g.dataset, subset, metric, rows_a, rows_b, shared,
+                                   n_resamples, seed))
+    return apply_holm(out)
+
+
+def _paired(group: str, reference: str, dataset: str, subset: str, metric: str, a: np.ndarray, b: np.ndarray,
+            seeds: list[int], n_resamples: int, seed: int) -> Comparison:
+    """One paired test on ``[S, N]`` tables: crossed bootstrap and seed t-test, or the image test for one seed."""
+    if len(seeds) == 1:
+        test = paired_difference(a[0], b[0], n_resamples, seed)
+        return Comparison(group, reference, dataset, subset, metric, test.diff, test.ci, test.p_value, False,
+                          test="images (1 seed)", seeds=tuple(seeds))
+    boot = crossed_bootstrap(a - b, n_resamples, seed)
+    return Comparison(group, reference, dataset, subset, metric, boot.value, boot.ci, boot.p_value, False,
+                      test="seeds x images", seed_test=seed_paired_test(a, b), seeds=tuple(seeds))
+
+
+def apply_holm(comparisons: list[Comparison], alpha: float = ALPHA) -> list[Comparison]:
+    """Set `p_holm` and `significant` on the tested comparisons, one Holm family per
+    (group, reference, dataset); untested ones stay not significant."""
+    families: dict[tuple[str, str, str], list[Comparison]] = {}
+    for c in comparisons:
+        if c.p_value is not None:
+            families.setdefault(c.family, []).append(c)
+    for members in families.values():
+        for c, adjusted in zip(members, holm([c.p_value for c in members])):
+            c.p_holm = adjusted
+            c.significant = adjusted < alpha
+    return comparisons

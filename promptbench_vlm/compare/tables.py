@@ -58,7 +58,8 @@ def headline_table(summaries: list[GroupSummary]) -> TextTable:
             accs = [fmt_cell(s.clean.get(c, {}).get("acc_mean"), 2) for c in acc_cols]
         sens = [fmt_cell(s.clean.get(c, {}).get("sensitivity"), 4) for c in subsets]
         rows.append([g.method, g.learner, g.dataset, ",".join(map(str, sorted(g.docs)))] + accs + sens)
-    return TextTable("accuracy (%) and sensitivity S(θ): mean ± std over seeds [95% CI over images]", header, rows)
+    return TextTable("accuracy (%) and sensitivity S(θ): mean ± std over seeds [95% CI over seeds x images]",
+                     header, rows)
 
 
 def perturbation_tables(summaries: list[GroupSummary]) -> list[TextTable]:
@@ -78,24 +79,47 @@ def perturbation_tables(summaries: list[GroupSummary]) -> list[TextTable]:
     return tables
 
 
+def _metric_name(metric: str) -> tuple[str, int]:
+    """Display name and digits of a comparison's metric key (``acc_mean``, ``OP:LEVEL/AS``)."""
+    label, _, metric = metric.rpartition("/")
+    return f"{label} {NAMES.get(metric, metric)}".strip(), DIGITS.get(metric, 2)
+
+
 def paired_table(comparisons: list[Comparison], clean_only: bool = False) -> TextTable:
-    """The paired tests: difference (group − reference), its interval, p and significance."""
+    """The paired tests: difference (group − reference) with its interval over seeds x images, the
+    seed-level t-test beside it, the raw and Holm-adjusted p, and whether it survives Holm."""
     rows = []
     for c in comparisons:
         if clean_only and c.metric not in CLEAN_METRICS:
             continue
-        label, _, metric = c.metric.rpartition("/")
-        name = f"{label} {NAMES.get(metric, metric)}".strip()
+        name, digits = _metric_name(c.metric)
         if c.diff is None:
-            rows.append([c.group, c.reference, c.dataset, c.subset, name, "-", "-", f"not tested: {c.note}"])
+            rows.append([c.group, c.reference, c.dataset, c.subset, name, "-", "-", "-", "-", "-",
+                         f"not tested: {c.note}"])
             continue
-        digits = DIGITS.get(metric, 2)
+        seed = "-"
+        if c.seed_test is not None:
+            t = c.seed_test
+            seed = f"{t.diff:+.{digits}f} [{t.ci[0]:+.{digits}f}, {t.ci[1]:+.{digits}f}] p={t.p_value:.3f}"
         rows.append([c.group, c.reference, c.dataset, c.subset, name,
-                     f"{c.diff:+.{digits}f} [{c.ci[0]:+.{digits}f}, {c.ci[1]:+.{digits}f}]",
-                     f"{c.p_value:.3f}", "yes" if c.significant else "no"])
-    return TextTable("paired bootstrap over images: method − reference (95% CI); significant = CI excludes 0",
-                     ["method", "reference", "dataset", "subset", "metric", "difference [95% CI]", "p",
-                      "significant"], rows)
+                     f"{c.diff:+.{digits}f} [{c.ci[0]:+.{digits}f}, {c.ci[1]:+.{digits}f}]", c.test,
+                     f"{c.p_value:.3f}", f"{c.p_holm:.3f}" if c.p_holm is not None else "-", seed,
+                     "yes" if c.significant else "no"])
+    return TextTable("paired tests: method − reference [95% CI]; survives = Holm-adjusted p < 0.05 over the "
+                     "method's family (every subset and metric against the same reference)",
+                     ["method", "reference", "dataset", "subset", "metric", "difference [95% CI]", "resampled",
+                      "p", "p Holm", "seed t-test [95% CI]", "survives Holm"], rows)
+
+
+def survivors(comparisons: list[Comparison]) -> list[str]:
+    """One line per difference that survives Holm's correction, strongest first."""
+    kept = sorted((c for c in comparisons if c.significant), key=lambda c: c.p_holm)
+    lines = []
+    for c in kept:
+        name, digits = _metric_name(c.metric)
+        lines.append(f"{c.group} vs {c.reference} ({c.dataset}, {c.subset}) {name}: {c.diff:+.{digits}f} "
+                     f"[{c.ci[0]:+.{digits}f}, {c.ci[1]:+.{digits}f}], p Holm {c.p_holm:.3f}")
+    return lines
 
 
 def runs_table(records: list[RunRecord]) -> TextTable:
