@@ -2,15 +2,24 @@
 
 The toy world's `toy-clip` is an ordinary open_clip model config shipped in this package; its
 weights load from the shipped safetensors file when no `pretrained` is given.
+
+The activation follows the weights: OpenAI's CLIP was trained with QuickGELU, and open_clip's
+plain configs (``ViT-B-16``) build ``nn.GELU``, which moves every feature (by about 4e-2 on a
+tiny model). So OpenAI weights, named by tag or found in a local OpenAI-format file, always build
+the QuickGELU variant; a model config that explicitly asks for the other activation than its
+weights were trained with is refused (`activation_for`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import socket
+import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -26,6 +35,9 @@ TOY_DIR = Path(__file__).resolve().parent / "toy"
 TOY_MODEL = "toy-clip"
 TOY_CONFIG = TOY_DIR / f"{TOY_MODEL}.json"
 TOY_WEIGHTS = TOY_DIR / f"{TOY_MODEL}.safetensors"
+OPENAI_META_KEYS = ("input_resolution", "context_length", "vocab_size")
+"""Non-tensor-weight entries of OpenAI's CLIP state dict (the reference `clip.build_model` drops them)."""
+QUICKGELU_SUFFIX = "-quickgelu"
 
 
 @dataclass
@@ -40,6 +52,7 @@ class Backbone:
         spec: What `load_backbone` was given as `model` (a name, or a config path made absolute).
         pretrained: The tag or absolute weights path it was loaded with; None for random init
             and for the shipped toy-clip weights.
+        quick_gelu: Whether the towers use QuickGELU (chosen by the weights, see `activation_for`).
     """
 
     model: torch.nn.Module
@@ -48,6 +61,7 @@ class Backbone:
     name: str
     spec: str
     pretrained: str | None
+    quick_gelu: bool = False
     _weights_hash: str | None = field(default=None, repr=False)
 
     @property
@@ -66,7 +80,8 @@ class Backbone:
 
     def identity(self) -> dict[str, str | None]:
         """What a checkpoint or result file records: enough to rebuild and to verify the backbone."""
-        return {"model": self.spec, "pretrained": self.pretrained, "weights_sha256": self.weights_hash()}
+        return {"model": self.spec, "pretrained": self.pretrained, "weights_sha256": self.weights_hash(),
+                "quick_gelu": self.quick_gelu}
 
 
 def resolve_device(device: str) -> torch.device:
@@ -142,26 +157,33 @@ def load_backbone(model: str = TOY_MODEL, pretrained: str | None = None, device:
             raise UserError(f"the shipped toy-clip weights are missing ({TOY_WEIGHTS}); reinstall the package")
         weights = str(TOY_WEIGHTS)
     local_file = weights is not None and _looks_like_path(weights)
+    openai_state: dict[str, torch.Tensor] | None = None
+    trained_quick_gelu: bool | None = None
     if local_file:
         if not Path(weights).is_file():
             raise UserError(f"weights file not found: {weights}")
         weights = str(Path(weights).resolve())
         if pretrained is not None:
             pretrained = weights
+        openai_state = _openai_state_dict(weights)
+        trained_quick_gelu = True if openai_state is not None or _in_openai_hub_cache(weights) else None
     elif pretrained:
         tags = open_clip.list_pretrained_tags_by_model(name)
         if pretrained not in tags:
             raise unknown_name_error(f"pretrained tag for {name}", pretrained, tags)
+        trained_quick_gelu = bool(open_clip.get_pretrained_cfg(name, pretrained).get("quick_gelu", False))
         cached = _offline_hub_weights(name, pretrained)
         if cached:
             weights, local_file = cached, True
+    quick_gelu = activation_for(model, name, trained_quick_gelu, pretrained or weights)
     try:
         # A fixed seed makes a randomly initialised model (no pretrained) the same in every run;
         # open_clip logs its own "initialized randomly" warning to root: the CLI says it once.
-        with _quiet_root_logger(), torch.random.fork_rng(devices=[]):
+        with _quiet_root_logger(), torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="QuickGELU mismatch")  # resolved by activation_for
             torch.manual_seed(0)
             clip_model, _, preprocess = open_clip.create_model_and_transforms(
-                name, pretrained=None if local_file else weights, device=torch_device
+                name, pretrained=None if local_file else weights, device=torch_device, force_quick_gelu=quick_gelu
             )
     except Exception as err:  # hub downloads fail in many ways; all mean the same to a user
         if pretrained and not local_file:
@@ -173,7 +195,10 @@ def load_backbone(model: str = TOY_MODEL, pretrained: str | None = None, device:
         raise
     if local_file:
         try:
-            open_clip.load_checkpoint(clip_model, weights, weights_only=True, device=str(torch_device))
+            if openai_state is not None:
+                _load_openai_state_dict(clip_model, openai_state)
+            else:
+                open_clip.load_checkpoint(clip_model, weights, weights_only=True, device=str(torch_device))
         except Exception as err:
             raise UserError(f"cannot load weights {weights} into {name}: {str(err).splitlines()[0][:200]}") from None
     clip_model.eval()
@@ -186,7 +211,107 @@ def load_backbone(model: str = TOY_MODEL, pretrained: str | None = None, device:
         name=name,
         spec=spec,
         pretrained=pretrained,
+        quick_gelu=quick_gelu,
     )
+
+
+def activation_for(model: str, name: str, trained_quick_gelu: bool | None, weights: str | None) -> bool:
+    """Whether to build QuickGELU: as the weights were trained, whatever the plain config says.
+
+    Args:
+        model: What the user passed as the model (a name or a config JSON path).
+        name: The registered open_clip config name.
+        trained_quick_gelu: The weights' activation: from the pretrained tag's config, True for an
+            OpenAI-format file, None when unknown (another local file, random init).
+        weights: The tag or file, for the error message.
+
+    Raises:
+        UserError: the user's model explicitly asks for the other activation (a ``-quickgelu``
+            name, or a config JSON with a ``quick_gelu`` entry) than the weights were trained with.
+    """
+    config = bool((open_clip.get_model_config(name) or {}).get("quick_gelu", False))
+    if trained_quick_gelu is None or trained_quick_gelu == config:
+        return config
+    if name.endswith(QUICKGELU_SUFFIX) or _json_sets_quick_gelu(model):
+        want, got = ("QuickGELU", "GELU") if trained_quick_gelu else ("GELU", "QuickGELU")
+        raise UserError(
+            f"weights {weights} were trained with {want}, but model {model} explicitly builds {got}: every feature "
+            f"would be off; use a model config with quick_gelu={str(trained_quick_gelu).lower()}"
+            + ("" if trained_quick_gelu else f" (e.g. {name.removesuffix(QUICKGELU_SUFFIX)})")
+        )
+    return trained_quick_gelu
+
+
+def _json_sets_quick_gelu(model: str) -> bool:
+    if not model.endswith(".json"):
+        return False
+    try:
+        return "quick_gelu" in json.loads(Path(model).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+
+
+def _openai_state_dict(path: str) -> dict[str, torch.Tensor] | None:
+    """The state dict of an OpenAI-format weights file (it holds `OPENAI_META_KEYS`), else None.
+
+    OpenAI's own ``.pt`` files are TorchScript archives, which cannot be read without running
+    their code; they are refused with the way out.
+
+    Raises:
+        UserError: a TorchScript archive.
+    """
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(path, framework="pt") as f:
+                if not any(k in f.keys() for k in OPENAI_META_KEYS):
+                    return None
+        except Exception:
+            return None  # open_clip's loader reports what is wrong with the file
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+    else:
+        if _is_torchscript(path):
+            raise UserError(
+                f"{path} is a TorchScript archive (OpenAI's original .pt format), which cannot be read without "
+                "running its code; use --pretrained openai, or a safetensors/state-dict copy of the weights"
+            )
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:
+            return None  # not a zip-format state dict: open_clip's loader reports what is wrong
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict) or not any(k in state for k in OPENAI_META_KEYS):
+            return None
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _is_torchscript(path: str) -> bool:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(n.endswith("/constants.pkl") or "/code/" in n for n in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def _in_openai_hub_cache(path: str) -> bool:
+    """A file inside the hub cache of an open_clip `openai` tag's repository (its safetensors copy)."""
+    repos = {
+        (open_clip.get_pretrained_cfg(model, tag).get("hf_hub") or "").strip("/").replace("/", "--")
+        for model, tag in open_clip.list_pretrained() if tag == "openai"
+    }
+    return any(f"models--{repo}" in path for repo in repos if repo)
+
+
+def _load_openai_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load an OpenAI-layout state dict: open_clip's CLIP keys plus the three meta entries."""
+    state = {k: v for k, v in state.items() if k not in OPENAI_META_KEYS}
+    if "logit_scale" in state:
+        state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)
+    model.load_state_dict(state, strict=True)
 
 
 @contextlib.contextmanager
