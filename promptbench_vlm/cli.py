@@ -39,13 +39,13 @@ class Listable(str, Enum):
     datasets = "datasets"
 
 
-def parse_options(pairs: list[str]) -> dict[str, Any]:
+def parse_options(pairs: list[str], flag: str = "--learner-opt") -> dict[str, Any]:
     """Turn ``key=value`` strings into a dict; values are JSON when they parse, else strings."""
     options: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise UserError(f"learner option must be KEY=VALUE, got '{pair}'")
+            raise UserError(f"{flag} must be KEY=VALUE, got '{pair}'")
         try:
             options[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -290,7 +290,7 @@ def train(
         method=method, learner=learner if init is None else "", model=model, pretrained=pretrained,
         dataset=dataset[0] if len(dataset) == 1 else dataset,
         shots=shots, subset=subset, output=str(folder), init=str(init) if init else None,
-        learner_options=parse_options(learner_opt), method_options=parse_options(method_opt),
+        learner_options=parse_options(learner_opt), method_options=parse_options(method_opt, "--method-opt"),
         config=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, warmup_epochs=warmup_epochs,
                            accumulate=accumulate, seed=seed, amp=amp, num_workers=num_workers),
         eval_templates=eval_templates, eval_perturb=eval_perturb, bootstrap=bootstrap, device=device,
@@ -464,20 +464,49 @@ def list_(what: Annotated[Listable, typer.Argument(help="What to list.")]) -> No
             out.print(f"{name:<12} {description}")
 
 
-def main() -> None:
-    """Console-script entry: run the app, turning user errors into one line and exit code 2."""
+def _usage_error_types() -> tuple[type[BaseException], ...]:
+    """Click's usage-error base class as this typer raises it, and click's own.
+
+    Typer 0.12-0.2x raises click's exceptions; later typer vendors click (``typer._click``), whose
+    `ClickException` is not click's. Both are found from typer's public `BadParameter`.
+    """
+    vendored = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
     try:
-        code = app(standalone_mode=False)  # returns the code of a typer.Exit raised by a command
+        import click  # not a dependency of the typer that vendors it
+    except ImportError:
+        return (vendored,)
+    return (click.ClickException, vendored)
+
+
+def usage_error_line(err: BaseException) -> str:
+    """One line for a click/typer usage error: the command, the message, where help is."""
+    message = " ".join(err.format_message().replace("Value error, ", "").split())  # type: ignore[attr-defined]
+    ctx = getattr(err, "ctx", None)
+    if ctx is not None:
+        command = ctx.command_path
+    else:  # errors of the option parser carry no context: name the subcommand from the command line
+        names = {c.name or c.callback.__name__ for c in app.registered_commands if c.callback}
+        command = " ".join(["promptbench", *[a for a in sys.argv[1:2] if a in names]])
+    return f"{command}: {message} (see {command} --help)"
+
+
+def main() -> None:
+    """Console-script entry: run the app, turning user and usage errors into one line and exit code 2."""
+    try:
+        code = app(standalone_mode=False, prog_name="promptbench")  # returns the code of a typer.Exit
     except UserError as err:
-        console.print(f"[red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        _fail(str(err))
     except (typer.Abort, KeyboardInterrupt):
         sys.exit(130)
     except Exception as err:  # click usage errors arrive here in standalone_mode=False
-        import click
-
-        if isinstance(err, click.exceptions.ClickException):
-            err.show()
+        if not isinstance(err, _usage_error_types()):
+            raise
+        if type(err).__name__ == "NoArgsIsHelpError":  # bare `promptbench`: the help was shown
             sys.exit(2)
-        raise
+        _fail(usage_error_line(err))
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fail(message: str) -> None:
+    console.print(f"[red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    sys.exit(2)
