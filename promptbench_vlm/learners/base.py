@@ -78,8 +78,12 @@ class PromptLearner(nn.Module):
         return self.clip.logit_scale.exp().detach()
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
-        """Tokenise with the backbone's own tokenizer, on the learner's device."""
-        return self.backbone.tokenizer(texts).to(self.device)
+        """Tokenise with the backbone's own tokenizer, on the learner's device.
+
+        ``_`` reads as a space, as the reference code writes class names and init phrases
+        (``golden_retriever``); the datasets' class names already come that way.
+        """
+        return self.backbone.tokenizer([t.replace("_", " ") for t in texts]).to(self.device)
 
     @property
     def device(self) -> torch.device:

@@ -51,7 +51,7 @@ class CoCoOpLearner(CoOpLearner):
         """
         if image_features is None:
             raise ValueError("cocoop is image-conditional: encode_texts needs image_features [N, D]")
-        batch = text.prepare(self.clip, self.tokenize(texts), self.n_ctx)
+        batch = text.prepare(self.clip, self.tokenize(texts), self.n_ctx, self.fixed)
         contexts = self.ctx + self.meta_net(image_features.to(self.ctx.dtype))[:, None, :]
         features = torch.stack([text.encode(self.clip, batch, [ctx]) for ctx in contexts])
         return F.normalize(features, dim=-1)

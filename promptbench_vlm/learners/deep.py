@@ -23,6 +23,10 @@ from .coop import initial_context
 from .vision import encode_image
 
 
+MAX_INIT_CTX = 4
+"""IVLP/MaPLe use the init phrase for at most this many context tokens (reference ``maple.py``)."""
+
+
 def random_prompts(n: int, width: int) -> nn.Parameter:
     """Prompt tokens ``[n, width]`` drawn from N(0, 0.02), the reference initialisation."""
     return nn.Parameter(torch.empty(n, width).normal_(std=0.02))
@@ -34,7 +38,8 @@ class DeepPromptLearner(PromptLearner):
     Args:
         backbone: A CLIP with open_clip's text transformer and VisionTransformer image tower.
         n_ctx: Text prompt tokens per layer.
-        ctx_init: Init text of the layer-0 context (see `coop`); deeper layers draw N(0, 0.02).
+        ctx_init: Init text of the layer-0 context for n_ctx <= 4 (see `coop`: its tokens after the
+            first n_ctx stay fixed text); deeper layers, and n_ctx > 4, draw N(0, 0.02).
         depth: Text prompt depth: the number of layers, from layer 0, whose input has prompts.
         **options: The subclass's further options, recorded in checkpoints.
 
@@ -52,8 +57,11 @@ class DeepPromptLearner(PromptLearner):
         check_depth(self.name, "depth", depth, len(self.clip.transformer.resblocks), "text", n_ctx)
         self.n_ctx = n_ctx if depth else 0
         width = self.clip.transformer.width
-        layers = [initial_context(self, n_ctx, ctx_init)] + [random_prompts(n_ctx, width) for _ in range(depth - 1)]
+        # The reference starts from the init phrase only for n_ctx <= 4, else from "X " * n_ctx.
+        first, self.fixed = initial_context(self, n_ctx, ctx_init if n_ctx <= MAX_INIT_CTX else None)
+        layers = [first] + [random_prompts(n_ctx, width) for _ in range(depth - 1)]
         self.text_prompts = nn.ParameterList(layers if self.n_ctx else [])
+        self.fixed = self.fixed if self.n_ctx else ()  # no context, no init phrase: the plain text
 
     @property
     def vision_width(self) -> int:
@@ -77,5 +85,5 @@ class DeepPromptLearner(PromptLearner):
         return F.normalize(encode_image(self.clip.visual, images, self.vision_layer_prompts()), dim=-1)
 
     def encode_texts(self, texts: list[str], image_features: torch.Tensor | None = None) -> torch.Tensor:
-        batch = text.prepare(self.clip, self.tokenize(texts), self.n_ctx)
+        batch = text.prepare(self.clip, self.tokenize(texts), self.n_ctx, self.fixed)
         return F.normalize(text.encode(self.clip, batch, self.text_layer_prompts()), dim=-1)

@@ -2,10 +2,13 @@
 
 Deep text prompts as in IVLP; the vision prompts are not free: at each layer i < depth they are
 ``Linear_i(text prompts of layer i)``, one ``Linear(text width -> vision width)`` per layer, so
-the image features move with the text context. Reference defaults: depth 9, n_ctx 2.
+the image features move with the text context. The deep layers' maps start as copies of one
+draw, as in the reference. Reference defaults: depth 9, n_ctx 2.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import nn
@@ -40,7 +43,11 @@ class MaPLeLearner(DeepPromptLearner):
         super().__init__(backbone, n_ctx, ctx_init, depth)
         check_depth(self.name, "depth", depth, self.vision_layers, "image", n_ctx)
         width = self.clip.transformer.width
-        self.vision_proj = nn.ModuleList([nn.Linear(width, self.vision_width) for _ in self.text_prompts])
+        # As the reference: the layer-0 projection is drawn on its own, the deeper ones are copies
+        # of one draw, so every deep layer starts from the same map.
+        deep = nn.Linear(width, self.vision_width)
+        self.vision_proj = nn.ModuleList([nn.Linear(width, self.vision_width), *(
+            copy.deepcopy(deep) for _ in self.text_prompts[1:])][: len(self.text_prompts)])
 
     def vision_layer_prompts(self) -> list[torch.Tensor]:
         return [proj(prompts) for proj, prompts in zip(self.vision_proj, self.text_prompts)]
