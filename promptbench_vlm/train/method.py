@@ -25,11 +25,15 @@ class TrainingMethod(nn.Module):
         name: Registry name (``"erm"``).
         learners: Learner names the method fits; None means any learner with trainable params.
         lr: The method's default learning rate (the reference code's), used when none is given.
+        learner_defaults: Per learner name, the learner options the method's reference configs
+            use where they differ from the learner's own defaults (PromptSRC: 4 + 4 IVLP tokens);
+            options the user gives win.
     """
 
     name: ClassVar[str] = ""
     learners: ClassVar[tuple[str, ...] | None] = None
     lr: ClassVar[float] = 0.002
+    learner_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __init__(self, learner: PromptLearner, classnames: list[str], **options: Any):
         super().__init__()

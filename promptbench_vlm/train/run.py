@@ -174,7 +174,8 @@ def run_training(request: TrainRequest, run_info: dict[str, Any], progress: Prog
         if request.learner not in ("", learner.name):
             raise UserError(f"--init {request.init} holds a '{learner.name}' learner, not '{request.learner}'")
     else:
-        learner = build_learner(request.learner, backbone, request.learner_options)
+        known = list(dict.fromkeys([*train_data.classnames, *(c for ds in test_sets for c in ds.classnames)]))
+        learner = build_learner(request.learner, backbone, learner_options(request, train_data.classnames, known))
     method = build_method(request.method, learner, train_data.classnames, request.method_options)
     lr = config.lr if config.lr is not None else getattr(method, "default_lr", lambda _: method.lr)(learner.name)
     if main and start is None:
@@ -212,6 +213,24 @@ def run_training(request: TrainRequest, run_info: dict[str, Any], progress: Prog
         write_json(doc, folder / RESULT)
         (folder / STATE).unlink(missing_ok=True)  # finished: --resume now finds the result
     return doc
+
+
+def learner_options(request: TrainRequest, train_classes: list[str], known_classes: list[str]) -> dict[str, Any]:
+    """The learner options to build with: the method's reference defaults for this learner,
+    overridden by the user's. A class-aware CoOp layout gets its class names: the training
+    classes for class-specific context (one context each), else every class it will score.
+
+    Raises:
+        UserError: class-specific context with base-to-new evaluation (no context for new classes).
+    """
+    options = {**METHODS.get(request.method).learner_defaults.get(request.learner, {}), **request.learner_options}
+    csc = bool(options.get("csc"))
+    if csc and request.subset == "base":
+        raise UserError("--learner-opt csc=true learns one context per training class and cannot score the new "
+                        "classes of a base-to-new run; train with --subset all")
+    if (csc or options.get("class_token_position", "end") != "end") and not options.get("classnames"):
+        options["classnames"] = list(train_classes if csc else known_classes)
+    return options
 
 
 def _jsonable(request: TrainRequest) -> dict[str, Any]:
