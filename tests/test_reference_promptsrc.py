@@ -85,4 +85,4 @@ def test_promptsrc_defaults_are_the_base_to_new_config(backbone):
     weights = gaussian_epoch_weights(20, 15, 1)
     want = sum(w * e for w, e in zip(weights, range(1, 21)))
     assert max(range(20), key=weights.__getitem__) == 14  # epoch 15 weighs most
-    assert float(learner.text_prompts[0][0, 0]) == pytest.approx(want, rel=1e-6)
+    assert float(learner.text_prompts[0][0, 0].detach()) == pytest.approx(want, rel=1e-6)
