@@ -551,26 +551,24 @@ class Evaluator:
 
         t0 = time.perf_counter()
         clean = scores.clean
+        groups = [metrics.clean_points(clean.pred, clean.p_true, clean.cos_true, labels_np, scores.pred_ens)]
+        groups += [metrics.perturbation_points(clean.pred, scores.pert_pred[k], labels_np, scores.text_cos[k],
+                                               table.unchanged[k]) for k in range(len(s.perturbations))]
+        # one bootstrap resample of the images for every metric of the run
+        clean_metrics, *pert_metrics = metrics.with_intervals(groups, n_resamples=s.bootstrap, seed=s.seed)
         result = SubsetResult(
             subset=subset,
             n_images=len(labels_np),
             n_classes=len(dataset.classnames),
             skipped=skipped,
-            metrics=metrics.clean_metrics(
-                clean.pred, clean.p_true, clean.cos_true, labels_np, scores.pred_ens, n_resamples=s.bootstrap,
-                seed=s.seed,
-            ),
+            metrics=clean_metrics,
             per_template_acc=metrics.per_template_accuracy(clean.pred, labels_np).tolist(),
             timings=timings,
             counts={"images_encoded": images.encoded, "texts_encoded": scores.texts_encoded,
                     **({"images_cached": images.cached, "texts_cached": texts_cached} if self.cache else {})},
+            perturbations=[PerturbationResult(spec=spec, draws=s.draws, metrics=m)
+                           for spec, m in zip(s.perturbations, pert_metrics)],
         )
-        for k, spec in enumerate(s.perturbations):
-            pert_metrics = metrics.perturbation_metrics(
-                clean.pred, scores.pert_pred[k], labels_np, scores.text_cos[k], table.unchanged[k],
-                n_resamples=s.bootstrap, seed=s.seed,
-            )
-            result.perturbations.append(PerturbationResult(spec=spec, draws=s.draws, metrics=pert_metrics))
         result.per_image = per_image_counts(clean, scores.pert_pred, labels_np, s.perturbations)
         timings["metrics_s"] = time.perf_counter() - t0
         if partial is not None:

@@ -12,10 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
-
-# Largest resample matrix (resamples x images) scipy builds per batch: 2.5e6 int64 indices plus as
-# many float64 values; measured peak ~60 MB for any N and number of resamples (N = 50,000 x 1000 too).
+# Largest resample batch (resamples x images): 2.5e6 int64 draws plus their float64 count matrix,
+# about 60 MB at any N and number of resamples (N = 50,000 x 1000 too).
 MAX_RESAMPLE_ELEMENTS = 2_500_000
 
 
@@ -135,35 +133,69 @@ def per_image_perturbation(pred: np.ndarray, pred_pert: np.ndarray, labels: np.n
     return {"acc_pert": acc_pert, "AS": acc_clean - acc_pert, "LPR": lpr}
 
 
-def _bootstrap_means(
-    per_image: np.ndarray, n_resamples: int, seed: int, confidence: float
-) -> tuple[tuple[float, float], np.ndarray]:
-    """Percentile interval and bootstrap distribution of the mean of `per_image`.
-
-    Constant input (including a single image) has a degenerate distribution; scipy would
-    reject N == 1, so it is answered directly as the constant.
-    """
+def _check_resampling(per_image: np.ndarray, n_resamples: int) -> np.ndarray:
+    """Per-image vectors stacked ``[M, N]`` as float64; raise on bad shapes or no resamples."""
     x = np.asarray(per_image, dtype=np.float64)
-    if x.ndim != 1 or x.shape[0] == 0:
-        raise ValueError(f"per-image values must be a non-empty 1-D array, got shape {x.shape}")
+    if x.ndim != 2 or x.shape[1] == 0:
+        raise ValueError(f"per-image values must be non-empty vectors [N] (stacked [M, N]), got shape {x.shape}")
     if n_resamples < 1:
         raise ValueError(f"n_resamples must be >= 1 for an interval, got {n_resamples}")
-    if np.all(x == x[0]):
-        v = float(x[0])
-        return (v, v), np.full(n_resamples, v)
-    res = stats.bootstrap(
-        (x,),
-        np.mean,
-        n_resamples=n_resamples,
-        batch=max(1, MAX_RESAMPLE_ELEMENTS // x.shape[0]),
-        vectorized=True,
-        axis=-1,
-        confidence_level=confidence,
-        method="percentile",
-        rng=np.random.default_rng(seed),
-    )
-    ci = (float(res.confidence_interval.low), float(res.confidence_interval.high))
-    return ci, res.bootstrap_distribution
+    return x
+
+
+def resample_means(per_image: np.ndarray, n_resamples: int, seed: int) -> np.ndarray:
+    """Bootstrap distributions ``[M, B]`` of the means of M per-image vectors ``[M, N]``, all
+    under the same resampled images.
+
+    The resample is drawn once for all M vectors and held as counts: row b of the count matrix
+    says how often each image was drawn, so the M means of resample b are one matrix product
+    ``X @ counts.T / N``. The draws are those of ``scipy.stats.bootstrap(...,
+    rng=np.random.default_rng(seed))`` (``integers(0, N, (b, N))`` per batch of b resamples),
+    so the distributions equal scipy's up to float summation order; batches of at most
+    `MAX_RESAMPLE_ELEMENTS` draws keep memory bounded for any N.
+    """
+    x = _check_resampling(per_image, n_resamples)
+    n = x.shape[1]
+    rng = np.random.default_rng(seed)
+    batch = max(1, MAX_RESAMPLE_ELEMENTS // n)
+    means = np.empty((x.shape[0], n_resamples))
+    for b0 in range(0, n_resamples, batch):
+        b = min(batch, n_resamples - b0)
+        drawn = rng.integers(0, n, (b, n)) + (np.arange(b) * n)[:, None]
+        counts = np.bincount(drawn.ravel(), minlength=b * n).reshape(b, n).astype(np.float64)
+        means[:, b0 : b0 + b] = (x @ counts.T) / n
+    return means
+
+
+def _distributions(x: np.ndarray, n_resamples: int, seed: int) -> np.ndarray:
+    """`resample_means` of the varying rows of ``[M, N]``; a constant row (N == 1 included) has
+    the degenerate distribution of its constant, answered without resampling."""
+    constant = np.all(x == x[:, :1], axis=1)
+    out = np.repeat(x[:, :1], n_resamples, axis=1)
+    if not constant.all():
+        out[~constant] = resample_means(x[~constant], n_resamples, seed)
+    return out
+
+
+def _percentile_bounds(distributions: np.ndarray, confidence: float) -> list[tuple[float, float]]:
+    """Percentile interval of each bootstrap distribution ``[M, B]`` (linear interpolation, as
+    scipy's percentile method)."""
+    alpha = (1 - confidence) / 2
+    low, high = np.quantile(distributions, [alpha, 1 - alpha], axis=1)
+    return [(float(lo), float(hi)) for lo, hi in zip(low, high)]
+
+
+def bootstrap_intervals(
+    per_image: np.ndarray, n_resamples: int = 1000, seed: int = 0, confidence: float = 0.95
+) -> list[tuple[float, float]]:
+    """Percentile bootstrap intervals of the means of M per-image vectors ``[M, N]``, all from
+    one shared resample of the images: what every metric of an evaluation run uses.
+
+    Returns:
+        One ``(low, high)`` per row; ``(v, v)`` for a row whose every value is ``v``.
+    """
+    x = _check_resampling(per_image, n_resamples)
+    return _percentile_bounds(_distributions(x, n_resamples, seed), confidence)
 
 
 def bootstrap_mean_ci(
@@ -179,7 +211,10 @@ def bootstrap_mean_ci(
     Returns:
         ``(low, high)``; ``(v, v)`` when every value is ``v`` (including N == 1).
     """
-    return _bootstrap_means(per_image, n_resamples, seed, confidence)[0]
+    x = np.asarray(per_image, dtype=np.float64)
+    if x.ndim != 1:
+        raise ValueError(f"per-image values must be a non-empty 1-D array, got shape {x.shape}")
+    return bootstrap_intervals(x[None], n_resamples, seed, confidence)[0]
 
 
 def paired_difference(
@@ -196,19 +231,65 @@ def paired_difference(
         ValueError: different shapes, or ``n_resamples < 1`` (a comparison needs resamples).
     """
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"paired vectors must have the same shape, got {a.shape} and {b.shape}")
-    d = a - b
-    ci, dist = _bootstrap_means(d, n_resamples, seed, confidence)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"paired vectors must be 1-D of the same shape, got {a.shape} and {b.shape}")
+    d = _check_resampling((a - b)[None], n_resamples)
+    dist = _distributions(d, n_resamples, seed)
+    ci = _percentile_bounds(dist, confidence)[0]
     tail = min(np.count_nonzero(dist <= 0), np.count_nonzero(dist >= 0))
     p_value = min(1.0, 2.0 * (int(tail) + 1) / (n_resamples + 1))
     return PairedDifference(diff=float(d.mean()), ci=ci, significant=not ci[0] <= 0.0 <= ci[1], p_value=p_value)
 
 
-def _estimate(per_image: np.ndarray, n_resamples: int, seed: int, confidence: float) -> Estimate:
-    """Mean of a per-image vector, with an interval unless bootstrapping is off."""
-    ci = bootstrap_mean_ci(per_image, n_resamples, seed, confidence) if n_resamples > 0 else None
-    return Estimate(float(np.mean(per_image)), ci)
+def with_intervals(
+    groups: list[tuple[dict[str, Estimate], dict[str, np.ndarray]]],
+    *,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> list[dict[str, Estimate]]:
+    """Attach bootstrap intervals to the per-image metrics of several metric groups at once.
+
+    Each group is ``(point estimates, per-image vectors by metric name)`` as returned by
+    `clean_points` and `perturbation_points`; the vectors of all groups are stacked and
+    resampled once (`bootstrap_intervals`), so every interval of an evaluation run is computed
+    under the same resampled images at the cost of one resample. ``n_resamples=0`` leaves the
+    point estimates as they are.
+    """
+    _check_n_resamples(n_resamples)
+    if n_resamples == 0:
+        return [dict(points) for points, _ in groups]
+    keys = [(g, name) for g, (_, vectors) in enumerate(groups) for name in vectors]
+    if not keys:
+        return [dict(points) for points, _ in groups]
+    stacked = np.stack([groups[g][1][name] for g, name in keys])
+    out = [dict(points) for points, _ in groups]
+    for (g, name), ci in zip(keys, bootstrap_intervals(stacked, n_resamples, seed, confidence)):
+        out[g][name] = Estimate(out[g][name].value, ci)
+    return out
+
+
+def clean_points(
+    pred: np.ndarray, p_true: np.ndarray, cos_true: np.ndarray, labels: np.ndarray, pred_ens: np.ndarray | None = None
+) -> tuple[dict[str, Estimate], dict[str, np.ndarray]]:
+    """Point estimates of `clean_metrics` and the per-image vectors that get intervals."""
+    pred, cos_true = np.asarray(pred), np.asarray(cos_true)
+    per_image = per_image_clean(pred, p_true, labels)
+    _check_same_shape("cos_true", cos_true, pred.shape)
+    acc = per_template_accuracy(pred, labels)
+    out = {
+        "acc_mean": Estimate(float(np.mean(per_image["acc_mean"]))),
+        "acc_std": Estimate(float(np.std(acc))),
+        "acc_min": Estimate(float(acc.min())),
+        "acc_max": Estimate(float(acc.max())),
+        "acc_spread": Estimate(float(acc.max() - acc.min())),
+        "sensitivity": Estimate(float(np.mean(per_image["sensitivity"]))),
+        "sensitivity_cos": Estimate(float(np.mean(np.var(cos_true, axis=0)))),
+        "flip_rate": Estimate(float(np.mean(np.any(pred != pred[0], axis=0)))),
+    }
+    if pred_ens is not None:
+        out["ensemble_acc"] = Estimate(accuracy(pred_ens, labels))
+    return out, per_image
 
 
 def clean_metrics(
@@ -241,23 +322,27 @@ def clean_metrics(
         means over images; min/max/std/spread are over templates.
     """
     _check_n_resamples(n_resamples)
-    pred, cos_true = np.asarray(pred), np.asarray(cos_true)
-    per_image = per_image_clean(pred, p_true, labels)
-    _check_same_shape("cos_true", cos_true, pred.shape)
-    acc = per_template_accuracy(pred, labels)
-    out = {
-        "acc_mean": _estimate(per_image["acc_mean"], n_resamples, seed, confidence),
-        "acc_std": Estimate(float(np.std(acc))),
-        "acc_min": Estimate(float(acc.min())),
-        "acc_max": Estimate(float(acc.max())),
-        "acc_spread": Estimate(float(acc.max() - acc.min())),
-        "sensitivity": _estimate(per_image["sensitivity"], n_resamples, seed, confidence),
-        "sensitivity_cos": Estimate(float(np.mean(np.var(cos_true, axis=0)))),
-        "flip_rate": Estimate(float(np.mean(np.any(pred != pred[0], axis=0)))),
-    }
-    if pred_ens is not None:
-        out["ensemble_acc"] = Estimate(accuracy(pred_ens, labels))
-    return out
+    group = clean_points(pred, p_true, cos_true, labels, pred_ens)
+    return with_intervals([group], n_resamples=n_resamples, seed=seed, confidence=confidence)[0]
+
+
+def perturbation_points(
+    pred: np.ndarray, pred_pert: np.ndarray, labels: np.ndarray, text_cos: np.ndarray, unchanged: np.ndarray
+) -> tuple[dict[str, Estimate], dict[str, np.ndarray]]:
+    """Point estimates of `perturbation_metrics` and the per-image vectors that get intervals."""
+    pred_pert, text_cos, unchanged = np.asarray(pred_pert), np.asarray(text_cos), np.asarray(unchanged)
+    per_image = per_image_perturbation(pred, pred_pert, labels)
+    if text_cos.ndim != 3 or text_cos.shape[:2] != pred_pert.shape[:2]:
+        raise ValueError(f"text_cos has shape {text_cos.shape}, expected [T, R, C] with [T, R] = {pred_pert.shape[:2]}")
+    _check_same_shape("unchanged", unchanged, text_cos.shape)
+    n_draws = pred_pert.shape[1]
+    clean_sum = float(per_template_accuracy(pred, labels).sum())
+    pert_sum = float(per_template_accuracy(pred_pert, labels).sum())
+    out = {name: Estimate(float(np.mean(per_image[name]))) for name in ("acc_pert", "AS", "LPR")}
+    out["TS"] = Estimate(1.0 - float(np.mean(text_cos, dtype=np.float64)))
+    out["PDR"] = Estimate(1.0 - pert_sum / (n_draws * clean_sum) if clean_sum > 0 else 0.0)
+    out["unchanged_frac"] = Estimate(float(np.mean(unchanged, dtype=np.float64)))
+    return out, per_image
 
 
 def perturbation_metrics(
@@ -289,22 +374,8 @@ def perturbation_metrics(
         every clean template has accuracy 0, since there is nothing left to drop.
     """
     _check_n_resamples(n_resamples)
-    pred_pert, text_cos, unchanged = np.asarray(pred_pert), np.asarray(text_cos), np.asarray(unchanged)
-    per_image = per_image_perturbation(pred, pred_pert, labels)
-    if text_cos.ndim != 3 or text_cos.shape[:2] != pred_pert.shape[:2]:
-        raise ValueError(f"text_cos has shape {text_cos.shape}, expected [T, R, C] with [T, R] = {pred_pert.shape[:2]}")
-    _check_same_shape("unchanged", unchanged, text_cos.shape)
-    n_draws = pred_pert.shape[1]
-    clean_sum = float(per_template_accuracy(pred, labels).sum())
-    pert_sum = float(per_template_accuracy(pred_pert, labels).sum())
-    return {
-        "acc_pert": _estimate(per_image["acc_pert"], n_resamples, seed, confidence),
-        "AS": _estimate(per_image["AS"], n_resamples, seed, confidence),
-        "LPR": _estimate(per_image["LPR"], n_resamples, seed, confidence),
-        "TS": Estimate(1.0 - float(np.mean(text_cos, dtype=np.float64))),
-        "PDR": Estimate(1.0 - pert_sum / (n_draws * clean_sum) if clean_sum > 0 else 0.0),
-        "unchanged_frac": Estimate(float(np.mean(unchanged, dtype=np.float64))),
-    }
+    group = perturbation_points(pred, pred_pert, labels, text_cos, unchanged)
+    return with_intervals([group], n_resamples=n_resamples, seed=seed, confidence=confidence)[0]
 
 
 def harmonic_mean(base: float, new: float) -> float:

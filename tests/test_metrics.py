@@ -252,3 +252,37 @@ def test_paired_difference_detects_shift():
 def test_paired_difference_requires_same_shape():
     with pytest.raises(ValueError):
         paired_difference(np.zeros(3), np.zeros(4))
+
+
+@pytest.mark.parametrize("n_images, max_elements", [(1_000, metrics.MAX_RESAMPLE_ELEMENTS), (1_000, 30_000)])
+def test_shared_resample_equals_scipy_bootstrap_of_each_vector(monkeypatch, n_images, max_elements):
+    """One count-matrix resample for a stack of vectors gives scipy's interval for each vector
+    (same draws, batched alike; only the summation order differs)."""
+    from scipy import stats
+
+    monkeypatch.setattr(metrics, "MAX_RESAMPLE_ELEMENTS", max_elements)
+    rng = np.random.default_rng(1)
+    stacked = np.stack([_coin(n_images) * 100.0, rng.random(n_images) ** 3, rng.integers(0, 7, n_images) / 7.0,
+                        np.full(n_images, 0.25)])
+    got = metrics.bootstrap_intervals(stacked, n_resamples=300, seed=5)
+    for row, ci in zip(stacked, got):
+        if np.all(row == row[0]):
+            assert ci == (row[0], row[0])
+            continue
+        ref = stats.bootstrap((row,), np.mean, n_resamples=300, batch=max(1, max_elements // n_images),
+                              vectorized=True, method="percentile", rng=np.random.default_rng(5))
+        np.testing.assert_allclose(ci, (ref.confidence_interval.low, ref.confidence_interval.high),
+                                   rtol=0, atol=1e-9)
+
+
+def test_metrics_of_a_run_share_one_resample():
+    """with_intervals over two groups equals each group's own intervals under the same seed."""
+    pert = PRED[None].repeat(2, axis=0).transpose(1, 0, 2)
+    text_cos, unchanged = np.ones((*pert.shape[:2], 3)), np.zeros((*pert.shape[:2], 3), dtype=bool)
+    clean = metrics.clean_points(PRED, P_TRUE, COS_TRUE, LABELS)
+    perturbed = metrics.perturbation_points(PRED, pert, LABELS, text_cos, unchanged)
+    together = metrics.with_intervals([clean, perturbed], n_resamples=200, seed=3)
+    assert together[0] == clean_metrics(PRED, P_TRUE, COS_TRUE, LABELS, n_resamples=200, seed=3)
+    assert together[1] == metrics.perturbation_metrics(PRED, pert, LABELS, text_cos, unchanged, n_resamples=200,
+                                                       seed=3)
+    assert together[0]["acc_mean"].ci is not None and together[1]["LPR"].ci is not None
