@@ -30,6 +30,7 @@ import torch
 
 from .errors import UserError
 from .names import unknown_name_error
+from .tokenizer import fast_tokenizer
 
 TOY_DIR = Path(__file__).resolve().parent / "toy"
 TOY_MODEL = "toy-clip"
@@ -46,7 +47,8 @@ class Backbone:
 
     Attributes:
         model: The open_clip ``CLIP`` module, in eval mode.
-        tokenizer: Callable ``list[str] -> LongTensor[M, L]``.
+        tokenizer: Callable ``list[str] -> LongTensor[M, L]``: open_clip's, skipping ftfy where it
+            cannot change a string (`tokenizer.FastTokenizer`, the same token ids).
         preprocess: PIL image -> tensor transform for evaluation.
         name: The architecture name.
         spec: What `load_backbone` was given as `model` (a name, or a config path made absolute).
@@ -206,7 +208,7 @@ def load_backbone(model: str = TOY_MODEL, pretrained: str | None = None, device:
         p.requires_grad_(False)
     return Backbone(
         model=clip_model,
-        tokenizer=open_clip.get_tokenizer(name),
+        tokenizer=fast_tokenizer(open_clip.get_tokenizer(name)),
         preprocess=preprocess,
         name=name,
         spec=spec,

@@ -23,6 +23,7 @@ from .data.base import CorruptImageError, ImageDataset
 from .errors import UserError
 from .learners.base import PromptLearner
 from .perturb import Lexicon, PerturbSpec, fill_template, load_lexicon, perturb
+from .tokenizer import token_count
 
 ProgressFn = Callable[[str, int, int], None]
 """Called as ``progress(stage, done, total)``; the CLI draws a bar from it."""
@@ -282,14 +283,24 @@ def encode_texts(
     learner: PromptLearner, texts: Sequence[str], batch_size: int = 512, progress: ProgressFn | None = None,
     amp: bool = True,
 ) -> torch.Tensor:
-    """Encode each string once, in batches: ``[M, D]`` float32 on the learner's device."""
+    """Encode each string once, in batches: ``[M, D]`` float32 on the learner's device, in the order
+    of `texts`.
+
+    The strings are batched in order of token length, so each batch's strings have similar lengths
+    and the text tower, which stops at a batch's last EOS, runs little padding.
+    """
+    tokenizer = getattr(learner.backbone, "tokenizer", None)
+    order = sorted(range(len(texts)), key=lambda i: token_count(tokenizer, texts[i]))
     out = []
     for start in range(0, len(texts), batch_size):
         with autocast(learner.device, amp):
-            out.append(learner.encode_texts(list(texts[start : start + batch_size])).float())
+            out.append(learner.encode_texts([texts[i] for i in order[start : start + batch_size]]).float())
         if progress:
             progress("texts", min(start + batch_size, len(texts)), len(texts))
-    return torch.cat(out) if out else torch.empty(0, 0, device=learner.device)
+    if not out:
+        return torch.empty(0, 0, device=learner.device)
+    feats = torch.cat(out)
+    return feats[torch.as_tensor(np.argsort(order), device=feats.device)]
 
 
 def text_features(
