@@ -25,7 +25,8 @@ from torch import nn
 from promptbench_vlm.backbone import load_backbone
 from promptbench_vlm.data import load_dataset
 from promptbench_vlm.data.base import ImageDataset
-from promptbench_vlm.evaluate import EvalSettings, Evaluator, build_prompt_table
+from promptbench_vlm.evaluate import EvalSettings, Evaluator
+from promptbench_vlm.prompts import build_prompt_table
 from promptbench_vlm.learners import build_learner
 from promptbench_vlm.learners.base import PromptLearner
 from promptbench_vlm.perturb import load_lexicon, parse_perturbations

@@ -11,6 +11,9 @@ was computed under as JSON metadata:
   learned), the preprocessing, the dataset fingerprint, the split and the numeric precision.
 - texts: ``texts/<key digest>/<segment digest>.safetensors`` holds features of a list of prompt
   strings. The key: backbone weights hash, learner, options and learned state, and precision.
+- prompts: ``prompts/<key digest>.safetensors`` holds a prompt table (`prompts.PromptTable`),
+  whose pure-Python build costs more than loading it. The key: templates, class names,
+  perturbation specs, draws, seed, lexicon content and the code hash of the perturbation ops.
 
 A chunk of images and a segment of texts are also the units a killed run resumes from: they are
 written as soon as they are computed. An entry that cannot be read, or whose stored key or shapes
@@ -165,6 +168,21 @@ class FeatureCache:
         path = self._text_dir(key) / f"{digest(list(texts))}.safetensors"
         tensors = {"features": features.detach().to("cpu", torch.float32).contiguous()}
         self._write(path, tensors, key, {"texts": list(texts)})
+
+    # --- prompt tables --------------------------------------------------------------------
+    def _table_path(self, key: dict[str, Any]) -> Path:
+        return self.root / "prompts" / f"{digest(key)}.safetensors"
+
+    def load_table(self, key: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+        """The tensors of the prompt table stored under `key` (see `prompts.PromptTable`); None when
+        absent, stale or corrupt (the latter two with a warning)."""
+        path = self._table_path(key)
+        entry = self._read(path, key) if path.is_file() else None
+        return None if entry is None else entry[0]
+
+    def store_table(self, key: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        """Write a prompt table's tensors atomically."""
+        self._write(self._table_path(key), tensors, key, {})
 
     # --- files ----------------------------------------------------------------------------
     def _write(self, path: Path, tensors: dict[str, torch.Tensor], key: dict[str, Any], extra: dict[str, Any]) -> None:

@@ -22,7 +22,8 @@ from .cache import CHUNK_IMAGES, SEGMENT_TEXTS, FeatureCache, image_key, text_ke
 from .data.base import CorruptImageError, ImageDataset
 from .errors import UserError
 from .learners.base import PromptLearner
-from .perturb import Lexicon, PerturbSpec, fill_template, load_lexicon, perturb
+from .perturb import Lexicon, PerturbSpec, load_lexicon
+from .prompts import PromptTable, prompt_table
 from .tokenizer import token_count
 
 ProgressFn = Callable[[str, int, int], None]
@@ -84,60 +85,6 @@ class SubsetResult:
     counts: dict[str, int] = field(default_factory=dict)
     per_image: dict = field(default_factory=dict)
     """Compact per-image values for paired comparisons of learners (`per_image_counts`)."""
-
-
-@dataclass
-class PromptTable:
-    """Every prompt string the evaluation needs, deduplicated, with index arrays into it.
-
-    Attributes:
-        texts: The unique prompt strings, in first-seen order.
-        clean: ``[T, C]`` row of each filled clean template.
-        perturbed: Per perturbation spec, ``[T, R, C]`` rows of the perturbed prompts.
-        unchanged: Per perturbation spec, ``[T, R, C]`` True where the op found no candidate.
-    """
-
-    texts: list[str]
-    clean: np.ndarray
-    perturbed: list[np.ndarray]
-    unchanged: list[np.ndarray]
-
-
-def draw_seed(seed: int, draw: int) -> int:
-    """The perturbation seed of draw `draw`: distinct per draw, stable across runs."""
-    return seed * 1_000_003 + draw
-
-
-def build_prompt_table(
-    templates: Sequence[str],
-    classnames: Sequence[str],
-    perturbations: Sequence[PerturbSpec],
-    draws: int,
-    seed: int,
-    lexicon: Lexicon,
-) -> PromptTable:
-    """Fill every template with every class, perturb each filled prompt, and deduplicate."""
-    index: dict[str, int] = {}
-
-    def row(text: str) -> int:
-        return index.setdefault(text, len(index))
-
-    filled = [[fill_template(t, c) for c in classnames] for t in templates]
-    clean = np.array([[row(text) for text, _ in per_class] for per_class in filled], dtype=np.int64)
-    perturbed, unchanged = [], []
-    shape = (len(templates), draws, len(classnames))
-    for spec in perturbations:
-        rows = np.empty(shape, dtype=np.int64)
-        same = np.zeros(shape, dtype=bool)
-        for t, per_class in enumerate(filled):
-            for r in range(draws):
-                for c, (text, span) in enumerate(per_class):
-                    out = perturb(text, span, spec.op, spec.rate, draw_seed(seed, r), lexicon)
-                    rows[t, r, c] = row(out.text)
-                    same[t, r, c] = out.n_edits == 0
-        perturbed.append(rows)
-        unchanged.append(same)
-    return PromptTable(list(index), clean, perturbed, unchanged)
 
 
 class ImageItems(Dataset):
@@ -503,12 +450,28 @@ def merge_scores(parts: list[Scores | None], weights: list[int], conditional: bo
     return Scores(clean, np.concatenate([p.pred_ens for p in ss]), pert_pred, text_cos, encoded)
 
 
+def run_metrics(scores: Scores, labels: np.ndarray, table: PromptTable, settings: EvalSettings
+                ) -> tuple[dict[str, metrics.Estimate], list[dict[str, metrics.Estimate]], dict]:
+    """The clean metrics, each perturbation's metrics and the per-image counts of one subset.
+
+    Every interval of the run comes from one bootstrap resample of the images
+    (`metrics.with_intervals`), drawn once for all metrics.
+    """
+    clean = scores.clean
+    groups = [metrics.clean_points(clean.pred, clean.p_true, clean.cos_true, labels, scores.pred_ens)]
+    groups += [metrics.perturbation_points(clean.pred, pert_pred, labels, text_cos, unchanged)
+               for pert_pred, text_cos, unchanged in zip(scores.pert_pred, scores.text_cos, table.unchanged)]
+    clean_metrics, *pert_metrics = metrics.with_intervals(groups, n_resamples=settings.bootstrap, seed=settings.seed)
+    return clean_metrics, pert_metrics, per_image_counts(clean, scores.pert_pred, labels, settings.perturbations)
+
+
 class Evaluator:
     """Scores one learner over templates and perturbations on a dataset.
 
-    Under torchrun every rank runs the same calls: image chunks, missing prompt strings and the
-    scoring of images are shared out across ranks and gathered, so each rank ends with the
-    result a single process computes.
+    Under torchrun every rank runs the same calls: image chunks, the prompt table's perturbation
+    work, missing prompt strings and the scoring of images are shared out across ranks and
+    gathered; rank 0 computes the metrics (one bootstrap) and hands them to the others, so each
+    rank ends with the result a single process computes.
 
     Args:
         learner: Any `PromptLearner` (image-conditional ones included).
@@ -540,7 +503,8 @@ class Evaluator:
         timings["encode_images_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        table = build_prompt_table(s.templates, dataset.classnames, s.perturbations, s.draws, s.seed, self.lexicon)
+        table = prompt_table(s.templates, dataset.classnames, s.perturbations, s.draws, s.seed, self.lexicon,
+                             self.cache)
         timings["build_prompts_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -561,26 +525,23 @@ class Evaluator:
         timings["encode_texts_and_score_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        clean = scores.clean
-        groups = [metrics.clean_points(clean.pred, clean.p_true, clean.cos_true, labels_np, scores.pred_ens)]
-        groups += [metrics.perturbation_points(clean.pred, scores.pert_pred[k], labels_np, scores.text_cos[k],
-                                               table.unchanged[k]) for k in range(len(s.perturbations))]
-        # one bootstrap resample of the images for every metric of the run
-        clean_metrics, *pert_metrics = metrics.with_intervals(groups, n_resamples=s.bootstrap, seed=s.seed)
+        # rank 0 alone computes the metrics (one bootstrap resample for all) and hands them out
+        clean_metrics, pert_metrics, per_image = distributed.main_only(
+            lambda: run_metrics(scores, labels_np, table, s))
         result = SubsetResult(
             subset=subset,
             n_images=len(labels_np),
             n_classes=len(dataset.classnames),
             skipped=skipped,
             metrics=clean_metrics,
-            per_template_acc=metrics.per_template_accuracy(clean.pred, labels_np).tolist(),
+            per_template_acc=metrics.per_template_accuracy(scores.clean.pred, labels_np).tolist(),
             timings=timings,
             counts={"images_encoded": images.encoded, "texts_encoded": scores.texts_encoded,
                     **({"images_cached": images.cached, "texts_cached": texts_cached} if self.cache else {})},
             perturbations=[PerturbationResult(spec=spec, draws=s.draws, metrics=m)
                            for spec, m in zip(s.perturbations, pert_metrics)],
+            per_image=per_image,
         )
-        result.per_image = per_image_counts(clean, scores.pert_pred, labels_np, s.perturbations)
         timings["metrics_s"] = time.perf_counter() - t0
         if partial is not None:
             partial.append(result)

@@ -16,9 +16,10 @@ from test_cli import run_cli
 from test_evaluate import ConditionalLearner
 from test_resume import comparable, evaluate_args
 
-from promptbench_vlm.evaluate import build_prompt_table, encode_images, merge_scores, score_conditional
+from promptbench_vlm.evaluate import encode_images, merge_scores, score_conditional
 from promptbench_vlm.learners.base import read_checkpoint
 from promptbench_vlm.perturb import load_lexicon, parse_perturbations
+from promptbench_vlm.prompts import build_prompt_table
 from promptbench_vlm.results import read_result
 from promptbench_vlm.train import run as train_run
 
@@ -112,3 +113,60 @@ def test_own_loop_methods_under_torchrun_are_refused_in_one_line(monkeypatch, ca
     monkeypatch.setenv("WORLD_SIZE", "2")
     code, _, err = run_cli(monkeypatch, capsys, "train", "--method", "maml-clip", "--epochs", "1")
     assert code == 2 and "runs its own training loop, which is not data-parallel" in err and "Traceback" not in err
+
+
+def _share_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """One of two gloo ranks: build the prompt table and run the metrics, counting the work done."""
+    import torch.distributed as dist
+
+    from promptbench_vlm import evaluate, metrics, prompts
+    from promptbench_vlm.evaluate import EvalSettings, Scores, TemplateScores
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    calls = {"perturb": 0, "resample": 0}
+    perturb, resample = prompts.perturb, metrics.resample_means
+
+    def counting_perturb(*args, **kwargs):
+        calls["perturb"] += 1
+        return perturb(*args, **kwargs)
+
+    def counting_resample(*args, **kwargs):
+        calls["resample"] += 1
+        return resample(*args, **kwargs)
+
+    prompts.perturb, metrics.resample_means = counting_perturb, counting_resample
+    specs = tuple(parse_perturbations(SHARE_SPECS))
+    table = prompts.build_prompt_table(SHARE_TEMPLATES, SHARE_CLASSES, specs, 2, 0, load_lexicon())
+    settings = EvalSettings(templates=SHARE_TEMPLATES, perturbations=specs, draws=2, bootstrap=50)
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 40)
+    clean = TemplateScores(rng.integers(0, 3, (2, 40)), rng.random((2, 40), dtype=np.float32),
+                           rng.random((2, 40), dtype=np.float32))
+    scores = Scores(clean, rng.integers(0, 3, 40), [rng.integers(0, 3, (2, 2, 40)) for _ in specs],
+                    [rng.random((2, 2, 3)) for _ in specs], 0)
+    clean_m, _, _ = evaluate.distributed.main_only(lambda: evaluate.run_metrics(scores, labels, table, settings))
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"calls": calls, "texts": table.texts, "acc_ci": clean_m["acc_mean"].ci}, f)
+    dist.destroy_process_group()
+
+
+SHARE_TEMPLATES = ("a photo of a {}.", "itap of the {}.")
+SHARE_CLASSES = ("red", "green", "blue")
+SHARE_SPECS = "drop:strong,shuffle:weak,mask:0.3"
+
+
+def test_ranks_share_the_prompt_table_and_rank_0_alone_bootstraps(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_share_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    one = build_prompt_table(SHARE_TEMPLATES, SHARE_CLASSES, parse_perturbations(SHARE_SPECS), 2, 0, load_lexicon())
+    assert ranks[0]["texts"] == ranks[1]["texts"] == one.texts
+    n_cells = 3 * 2 * 2 * 3  # specs x templates x draws x classes
+    assert [r["calls"]["perturb"] for r in ranks] == [n_cells // 2, n_cells // 2]
+    assert [r["calls"]["resample"] for r in ranks] == [1, 0]  # one shared resample, on rank 0
+    assert ranks[0]["acc_ci"] == ranks[1]["acc_ci"]

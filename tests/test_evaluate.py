@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from promptbench_vlm import evaluate as ev
-from promptbench_vlm.evaluate import EvalSettings, Evaluator, build_prompt_table
+from promptbench_vlm.evaluate import EvalSettings, Evaluator
 from promptbench_vlm.learners import build_learner
 from promptbench_vlm.learners.zeroshot import ZeroShotLearner
 from promptbench_vlm.perturb import fill_template, load_lexicon, parse_perturbations
+from promptbench_vlm.prompts import build_prompt_table
 
 TEMPLATES = ("a photo of a {}.", "a blurry photo of the {}.", "a sketch of a {}.", "itap of the {}.")
 

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 
-from promptbench_vlm.evaluate import build_prompt_table
 from promptbench_vlm.perturb import fill_template, load_lexicon, parse_perturbations
+from promptbench_vlm.prompts import build_prompt_table
 from promptbench_vlm.templates import load_templates
 from promptbench_vlm.tokenizer import FastTokenizer, fast_tokenizer, ftfy_is_identity, token_count
 
