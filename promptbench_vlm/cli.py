@@ -259,7 +259,11 @@ def train(
     init: Annotated[Optional[Path], typer.Option(help="Start from this learner checkpoint (e.g. a meta-prompt).")] = None,
     learner_opt: Annotated[list[str], typer.Option("--learner-opt", help="Learner option KEY=VALUE (repeatable).")] = [],
     method_opt: Annotated[list[str], typer.Option("--method-opt", help="Method option KEY=VALUE (repeatable).")] = [],
-    eval_templates: Annotated[str, typer.Option(help="Template set of the final evaluation.")] = "promptsrc60",
+    eval_templates: Annotated[str, typer.Option(help="Template set of the final evaluation (the pool that --wordings split divides).")] = "promptsrc60",
+    wordings: Annotated[str, typer.Option(help="'split': train on the seen wordings of --eval-templates only, report seen / held-out / out-of-family (docs/wordings.md); 'all': train as the method says, evaluate on --eval-templates.")] = "all",
+    held_out: Annotated[float, typer.Option(help="--wordings split: share of the pool held out.")] = 1 / 3,
+    wording_seed: Annotated[int, typer.Option(help="--wordings split: seed of the split (the same for every method and seed).")] = 0,
+    out_of_family: Annotated[str, typer.Option(help="--wordings split: template set of the out-of-family pool.")] = "out_of_family",
     eval_perturb: Annotated[str, typer.Option(help="Perturbations of the final evaluation.")] = "default",
     bootstrap: Annotated[int, typer.Option(min=0)] = 1000,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
@@ -280,6 +284,7 @@ def train(
     from .train.loop import TrainConfig
     from .train.method import METHODS
     from .train.run import TrainRequest, run_training
+    from .wordings import protocol_for
 
     METHODS.get(method)  # unknown names fail before anything loads
     if init is None:
@@ -295,6 +300,7 @@ def train(
                            accumulate=accumulate, seed=seed, amp=amp, num_workers=num_workers),
         eval_templates=eval_templates, eval_perturb=eval_perturb, bootstrap=bootstrap, device=device,
         overwrite=overwrite, resume=resume,
+        wordings=protocol_for(wordings, eval_templates, held_out, wording_seed, out_of_family),
     )
 
     def note(message: str) -> None:
@@ -373,7 +379,8 @@ def compare(
     pretrained: Annotated[Optional[str], typer.Option(help="Pretrained tag or local weights file.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N")] = None,
     output: Annotated[Optional[str], typer.Option(help="Folder of the runs, summary and report (default runs/compare).")] = None,
-    reference: Annotated[Optional[str], typer.Option(help="METHOD or METHOD/LEARNER the others are tested against (default zeroshot, else the first method).")] = None,
+    reference: Annotated[Optional[str], typer.Option(help="METHOD or METHOD/LEARNER the others are tested against (default erm-multi, else zeroshot, else the first method).")] = None,
+    wordings: Annotated[Optional[str], typer.Option(help="'split' (default): every method trains on the seen wordings only, reported on seen / held-out / out-of-family; 'all': the old layout.")] = None,
     skip_existing: Annotated[bool, typer.Option(help="Reuse finished runs (resume an interrupted sweep).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Rerun finished runs.")] = False,
     plot: Annotated[bool, typer.Option(help="Write PNG figures into the report (needs the [plot] extra).")] = False,
@@ -383,7 +390,7 @@ def compare(
     from .compare.markdown import write_markdown
     from .compare.stats import compare_to_reference, summarise
     from .compare.sweep import build_sweep, read_sweep_file
-    from .compare.tables import headline_table, paired_table, runs_table, to_rich
+    from .compare.tables import headline_table, paired_table, runs_table, to_rich, wording_line
 
     if plot:
         from .compare.plots import all_plots, pyplot
@@ -393,7 +400,7 @@ def compare(
     flags = {"methods": method, "learners": learner, "datasets": dataset, "seeds": seed, "shots": shots,
              "epochs": epochs, "batch_size": batch_size, "lr": lr, "templates": templates, "perturb": perturb,
              "bootstrap": bootstrap, "model": model, "pretrained": pretrained, "device": device, "output": output,
-             "reference": reference}
+             "reference": reference, "wordings": wordings}
     values.update({k: v for k, v in flags.items() if v not in (None, [])})
     spec = build_sweep(values)
 
@@ -425,6 +432,7 @@ def compare(
     setup = [f"sweep: {sweep or 'flags'}; reference: {spec.reference_name()}",
              f"model {spec.model}; datasets {', '.join(spec.datasets)}; seeds {spec.seeds}; {spec.shots} shots; "
              f"{spec.epochs} epochs; templates {spec.templates}; perturbations {spec.perturb}",
+             wording_line(spec),
              f"runs: {sum(r.status in ('done', 'existing') for r in records)} finished, "
              f"{sum(r.status == 'failed' for r in records)} failed"
              + (f"; left out (method does not fit the learner): {', '.join(left_out)}" if left_out else "")]

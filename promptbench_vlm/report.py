@@ -7,6 +7,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from .wordings import subset_templates
+
 CLEAN_ROWS = [
     ("acc_mean", "accuracy, mean over templates (%)"),
     ("acc_std", "accuracy, std over templates"),
@@ -55,7 +57,7 @@ def render(doc: dict[str, Any], console: Console | None = None, n_templates: int
     for subset, body in doc["subsets"].items():
         skipped = f", {body['n_skipped']} corrupt images skipped" if body["n_skipped"] else ""
         clean = Table(title=f"{title} - subset {subset}: {body['n_images']} images, {body['n_classes']} classes, "
-                      f"{len(run['templates'])} templates{skipped}", title_justify="left")
+                      f"{len(body['per_template_acc'])} templates{skipped}", title_justify="left")
         clean.add_column("clean metric")
         clean.add_column("value [95% CI]", justify="right")
         for key, label in CLEAN_ROWS:
@@ -72,7 +74,7 @@ def render(doc: dict[str, Any], console: Console | None = None, n_templates: int
                 pert.add_row(p["label"], *(fmt(p["metrics"].get(key), digits, interval)
                                            for key, _, digits, interval in PERTURBATION_COLUMNS))
             console.print(pert)
-        ranked = sorted(zip(body["per_template_acc"], run["templates"]))
+        ranked = sorted(zip(body["per_template_acc"], subset_templates(doc, subset)))
         if len(ranked) > 1:
             tmpl = Table(title="worst and best templates", title_justify="left")
             tmpl.add_column("template")
@@ -84,3 +86,5 @@ def render(doc: dict[str, Any], console: Console | None = None, n_templates: int
     if doc.get("base_new"):
         bn = doc["base_new"]
         console.print(f"base {bn['base']:.2f}  new {bn['new']:.2f}  H {bn['H']:.2f}")
+    for pool, bn in doc.get("base_new_by_wording", {}).items():
+        console.print(f"{pool + ' wordings:':<23} base {bn['base']:.2f}  new {bn['new']:.2f}  H {bn['H']:.2f}")

@@ -15,6 +15,7 @@ from typing import Any
 from .errors import UserError
 from .evaluate import SubsetResult
 from .files import atomic_path
+from .wordings import POOLS, subset_templates
 
 SCHEMA = "promptbench_vlm/result"
 SCHEMA_VERSION = 1
@@ -69,10 +70,17 @@ def build_result(run: dict[str, Any], subsets: list[SubsetResult], complete: boo
         "run": run,
         "subsets": bodies,
     }
+    def base_new(base_key: str, new_key: str) -> dict[str, float]:
+        base = bodies[base_key]["metrics"]["acc_mean"]["value"]
+        new = bodies[new_key]["metrics"]["acc_mean"]["value"]
+        return {"base": base, "new": new, "H": harmonic_mean(base, new)}
+
     if "base" in bodies and "new" in bodies:
-        base = bodies["base"]["metrics"]["acc_mean"]["value"]
-        new = bodies["new"]["metrics"]["acc_mean"]["value"]
-        doc["base_new"] = {"base": base, "new": new, "H": harmonic_mean(base, new)}
+        doc["base_new"] = base_new("base", "new")
+    by_wording = {pool: base_new(f"base@{pool}", f"new@{pool}") for pool in POOLS
+                  if f"base@{pool}" in bodies and f"new@{pool}" in bodies}
+    if by_wording:  # the wording protocol: base, new and H on each pool of wordings
+        doc["base_new_by_wording"] = by_wording
     return doc
 
 
@@ -117,12 +125,15 @@ def result_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
                 ci = est.get("ci") or [None, None]
                 rows.append({"subset": subset, "group": group, "metric": metric,
                              "value": est["value"], "ci_low": ci[0], "ci_high": ci[1]})
-        for template, acc in zip(doc["run"]["templates"], body["per_template_acc"]):
+        for template, acc in zip(subset_templates(doc, subset), body["per_template_acc"]):
             rows.append({"subset": subset, "group": "template", "metric": template,
                          "value": acc, "ci_low": None, "ci_high": None})
     for key, value in (doc.get("base_new") or {}).items():
         rows.append({"subset": "base_new", "group": "clean", "metric": key,
                      "value": value, "ci_low": None, "ci_high": None})
+    for pool, values in (doc.get("base_new_by_wording") or {}).items():
+        rows += [{"subset": f"base_new@{pool}", "group": "clean", "metric": key, "value": value,
+                  "ci_low": None, "ci_high": None} for key, value in values.items()]
     return rows
 
 

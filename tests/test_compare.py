@@ -22,6 +22,7 @@ from promptbench_vlm.perturb import parse_perturbations
 from promptbench_vlm.results import build_result, read_result, write_json
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "sweeps" / "toy.toml"
+LADDER = EXAMPLE.with_name("promise_ladder.toml")
 TEMPLATES = ("a photo of a {}.", "a {}.", "itap of the {}.", "a bad photo of the {}.")
 
 
@@ -60,10 +61,25 @@ def test_example_sweep_parses_and_plans_every_method(tmp_path):
     sweep = build_sweep(read_sweep_file(EXAMPLE))
     runs, left_out = plan(sweep)
     assert {r.method for r in runs} == set(sweep.methods)
-    assert sweep.reference_name() == "zeroshot"
+    assert sweep.reference_name() == "erm-multi" and sweep.wording_protocol() is not None
     for method in sweep.methods:  # every trained method runs on each seed of some learner
         assert {r.seed for r in runs if r.method == method} == set(sweep.seeds)
     assert all(f"{r.method}/{r.learner}" not in left_out for r in runs)
+
+
+def test_the_promise_ladder_runs_each_rung_as_promise_against_the_multi_template_control():
+    sweep = build_sweep(read_sweep_file(LADDER))
+    runs, left_out = plan(sweep)
+    rungs = ["promise-plain", "promise-weighting", "promise-token-rates", "promise"]
+    assert sweep.methods == ["zeroshot", "erm", "erm-multi", *rungs] and not left_out
+    assert [sweep.registered(m) for m in rungs] == ["promise"] * 4 and sweep.registered("erm-multi") == "erm-multi"
+    options = [sweep.settings(m).options for m in rungs]
+    assert [(o.get("weighting", True), o.get("token_lr", True), o.get("anchor", 1.0)) for o in options] == [
+        (False, False, 0.0), (True, False, 0.0), (True, True, 0.0), (True, True, 1.0)]  # one part added per rung
+    assert sweep.reference_name() == "erm-multi" and sweep.wordings == "split"
+    assert {r.method for r in runs} == set(sweep.methods) and {r.seed for r in runs} == {1, 2, 3}
+    # without a reference given, the multi-template control is the default one
+    assert build_sweep({"methods": ["zeroshot", "erm", "erm-multi"]}).reference_name() == "erm-multi"
 
 
 def test_sweep_errors_are_one_clear_line(tmp_path):
@@ -75,6 +91,10 @@ def test_sweep_errors_are_one_clear_line(tmp_path):
         build_sweep({"methods": ["erm"], "seed": [1]})
     with pytest.raises(UserError, match="'epochs' must be int"):
         build_sweep({"methods": ["erm"], "epochs": "5"})
+    with pytest.raises(UserError, match="unknown method 'promis'"):
+        build_sweep({"methods": ["plain"], "method": {"plain": {"method": "promis"}}})
+    with pytest.raises(UserError, match="unknown wordings mode 'split2'"):
+        build_sweep({"methods": ["erm"], "wordings": "split2"})
     with pytest.raises(UserError, match="not in 'methods'"):
         build_sweep({"methods": ["erm"], "method": {"promise": {"epochs": 2}}})
     with pytest.raises(UserError, match="fits none of the learners.*ivlp"):
@@ -187,8 +207,11 @@ options = {{ inner_steps = 0 }}
     assert "failed" in err and "erm" in out and "zeroshot" in out
     report = (tmp_path / "out" / "report.md").read_text()
     headline = report.split("## Accuracy and sensitivity")[1].split("##")[0]
+    assert "| classes | metric | seen | held-out | out-of-family |" in headline  # the wording protocol's default
     rows = [line for line in headline.splitlines() if line.startswith(("| zeroshot |", "| erm |"))]
-    assert len(rows) == 2 and all(" ± " in r and "[" in r for r in rows)  # mean ± std [95% CI] per method
+    assert len(rows) == 2 * 5  # base and new x acc and S(θ), and H, per method
+    # mean ± std [95% CI over seeds x images] in each of the three wording columns (H: no interval)
+    assert all(r.count(" ± ") == 3 and r.count("[") == (0 if "| H |" in r else 3) for r in rows)
     assert "maml-clip" in report.split("## Runs that did not finish")[1].split("##")[0]
     assert "erm/coop" in report.split("## Paired tests")[1] and "accuracy_per_template.png" in report
     assert all((tmp_path / "out" / "plots" / name).stat().st_size > 10_000

@@ -68,22 +68,27 @@ def evaluate_zeroshot(sweep: Sweep, spec: RunSpec, folder: Path, run_info: dict[
     from ..perturb import parse_perturbations
     from ..results import backbone_fields, build_result
     from ..templates import load_templates
+    from ..wordings import evaluation_pools, split_wordings, subset_name, wording_fields
 
     started = time.perf_counter()
     templates = load_templates(sweep.templates)
+    protocol = sweep.wording_protocol()
+    split = split_wordings(protocol) if protocol else None
     specs = parse_perturbations(sweep.perturb)
     names = ["base", "new"]
     test_sets = [load_dataset(spec.dataset, DatasetOptions(split="test"), s) for s in names]
     backbone = load_backbone(sweep.model, sweep.pretrained, sweep.device)
     learner = build_learner(ZEROSHOT, backbone)
-    settings = EvalSettings(templates=templates.templates, perturbations=tuple(specs), seed=spec.seed,
-                            bootstrap=sweep.bootstrap)
-    evaluator = Evaluator(learner, settings, progress=progress)
-    subsets = [evaluator.run(ds, subset=name) for ds, name in zip(test_sets, names)]
+    subsets = []
+    for pool, pool_templates in evaluation_pools(split, templates.templates):
+        settings = EvalSettings(templates=pool_templates, perturbations=tuple(specs), seed=spec.seed,
+                                bootstrap=sweep.bootstrap)
+        evaluator = Evaluator(learner, settings, progress=progress)
+        subsets += [evaluator.run(ds, subset=subset_name(name, pool)) for ds, name in zip(test_sets, names)]
     run = {**run_info, **backbone_fields(backbone), "learner": learner.name, "learner_options": learner.options,
            "checkpoint": None, "dataset": spec.dataset,
            "dataset_fingerprint": {d.name: d.fingerprint() for d in test_sets}, "split": "test",
-           "subset": "base-new", "templates_name": templates.name, "templates": list(templates.templates),
+           "subset": "base-new", **wording_fields(split, templates),
            "perturbations": [{"label": p.label, "op": p.op, "rate": p.rate, "level": p.level} for p in specs],
            "draws": 1, "seed": spec.seed, "bootstrap": sweep.bootstrap, "device": str(backbone.device),
            "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -103,9 +108,10 @@ def train_run(sweep: Sweep, spec: RunSpec, folder: Path, run_info: dict[str, Any
     settings = sweep.settings(spec.method)
     config = TrainConfig(epochs=settings.epochs or sweep.epochs, batch_size=sweep.batch_size,
                          lr=settings.lr if settings.lr is not None else sweep.lr, seed=spec.seed)
-    request = TrainRequest(method=spec.method, learner=spec.learner, model=sweep.model, pretrained=sweep.pretrained,
+    request = TrainRequest(method=sweep.registered(spec.method), learner=spec.learner, model=sweep.model, pretrained=sweep.pretrained,
                            dataset=spec.dataset, shots=sweep.shots, subset="base", output=str(folder),
                            method_options=dict(settings.options), config=config, eval_templates=sweep.templates,
+                           wordings=sweep.wording_protocol(),
                            eval_perturb=sweep.perturb, bootstrap=sweep.bootstrap, device=sweep.device,
                            overwrite=True)
     return run_training(request, run_info, progress=progress)

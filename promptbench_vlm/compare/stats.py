@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..metrics import paired_difference
+from ..wordings import POOLS
 from .inference import SeedTest, crossed_bootstrap, holm, seed_paired_test
 
 CLEAN_METRICS = ("acc_mean", "sensitivity")
@@ -65,6 +66,7 @@ class GroupSummary:
     per_image: dict[str, dict[str, np.ndarray]]  # subset -> metric key -> [S, N], rows in `seeds` order
     labels: dict[str, np.ndarray]  # subset -> [N], for the pairing check
     seeds: list[int] = field(default_factory=list)
+    base_new_by_wording: dict[str, dict[str, Cell]] = field(default_factory=dict)  # pool -> base/new/H
 
 
 @dataclass
@@ -169,14 +171,25 @@ def summarise(group: Group, n_resamples: int = 1000, seed: int = 0) -> GroupSumm
                          pert["metrics"][m].get("ci"), n_resamples, seed)
                 for m in PERTURBATION_METRICS}
         per_template[subset] = np.mean([b["per_template_acc"] for b in bodies], axis=0)
-    base_new: dict[str, Cell] = {}
-    if all(d.get("base_new") for d in docs):
-        for key in ("base", "new", "H"):
-            ci = clean[key]["acc_mean"].ci if key in clean and "acc_mean" in clean[key] else None
-            per_seed = [d["base_new"][key] for d in docs]
-            base_new[key] = Cell(float(np.mean(per_seed)), float(np.std(per_seed)), ci, len(per_seed))
+    base_new = _base_new_cells([d.get("base_new") for d in docs], clean, "")
+    pools = [p for p in POOLS if all(p in d.get("base_new_by_wording", {}) for d in docs)]
+    by_wording = {p: _base_new_cells([d["base_new_by_wording"][p] for d in docs], clean, f"@{p}") for p in pools}
     return GroupSummary(group, subsets, clean, base_new, perturbations, per_template,
-                        list(docs[0]["run"]["templates"]), per_image, labels, seeds)
+                        list(docs[0]["run"]["templates"]), per_image, labels, seeds, by_wording)
+
+
+def _base_new_cells(per_doc: list[dict[str, float] | None], clean: dict[str, dict[str, Cell]], suffix: str
+                    ) -> dict[str, Cell]:
+    """base, new and H over seeds; base and new take their subset's acc_mean interval, H has none."""
+    if not all(per_doc):
+        return {}
+    cells = {}
+    for key in ("base", "new", "H"):
+        subset = clean.get(key + suffix, {})
+        ci = subset["acc_mean"].ci if "acc_mean" in subset else None
+        per_seed = [d[key] for d in per_doc]
+        cells[key] = Cell(float(np.mean(per_seed)), float(np.std(per_seed)), ci, len(per_seed))
+    return cells
 
 
 def find_reference(summaries: list[GroupSummary], reference: str, dataset: str, learner: str) -> GroupSummary | None:

@@ -21,13 +21,17 @@ from ..names import unknown_name_error
 
 ZEROSHOT = "zeroshot"
 """The method entry that evaluates the zero-shot learner without training."""
+MULTI_TEMPLATE_CONTROL = "erm-multi"
+"""The registered method that robust methods are compared against by default."""
 
 
 @dataclass(frozen=True)
 class MethodSettings:
     """Per-method overrides from a ``[method.NAME]`` table: some methods need other budgets, or
-    fit other learners (PromptSRC trains IVLP only)."""
+    fit other learners (PromptSRC trains IVLP only). With `method`, NAME is a label of its own
+    for a registered method with these options (the Promise ladder's ``promise-plain``)."""
 
+    method: str | None = None
     learners: list[str] | None = None
     epochs: int | None = None
     lr: float | None = None
@@ -54,17 +58,35 @@ class Sweep:
     device: str = "auto"
     output: str = "runs/compare"
     reference: str | None = None
+    wordings: str = "split"
+    held_out: float = 1 / 3
+    wording_seed: int = 0
+    out_of_family: str = "out_of_family"
     method: dict[str, MethodSettings] = field(default_factory=dict)
 
     def settings(self, method: str) -> MethodSettings:
         """The overrides of `method` (none when it has no table)."""
         return self.method.get(method, MethodSettings())
 
+    def registered(self, method: str) -> str:
+        """The registered method a sweep entry runs: its table's `method`, else its own name."""
+        return self.settings(method).method or method
+
     def reference_name(self) -> str:
-        """The reference of the paired tests: as given, else zeroshot when run, else the first method."""
+        """The reference of the paired tests: as given, else the multi-template control
+        (``erm-multi``) when run, else zeroshot when run, else the first method."""
         if self.reference:
             return self.reference
+        controls = [m for m in self.methods if self.registered(m) == MULTI_TEMPLATE_CONTROL]
+        if controls:
+            return controls[0]
         return ZEROSHOT if ZEROSHOT in self.methods else self.methods[0]
+
+    def wording_protocol(self):
+        """The sweep's wording protocol (`wordings.WordingProtocol`), or None for ``wordings = "all"``."""
+        from ..wordings import protocol_for
+
+        return protocol_for(self.wordings, self.templates, self.held_out, self.wording_seed, self.out_of_family)
 
 
 @dataclass(frozen=True)
@@ -83,7 +105,8 @@ class RunSpec:
 
 _LISTS = {"methods": str, "learners": str, "datasets": str, "seeds": int}
 _SCALARS = {"shots": int, "epochs": int, "batch_size": int, "lr": float, "templates": str, "perturb": str,
-            "bootstrap": int, "model": str, "pretrained": str, "device": str, "output": str, "reference": str}
+            "bootstrap": int, "model": str, "pretrained": str, "device": str, "output": str, "reference": str,
+            "wordings": str, "held_out": float, "wording_seed": int, "out_of_family": str}
 
 
 def read_sweep_file(path: str | Path) -> dict[str, Any]:
@@ -136,14 +159,15 @@ def build_sweep(values: dict[str, Any]) -> Sweep:
     for key, kind in _SCALARS.items():
         if values.get(key) is not None:
             kwargs[key] = _typed(key, values[key], kind)
-    for name in kwargs["methods"]:
-        if name != ZEROSHOT:
-            METHODS.get(name)  # an unknown name lists the registered ones
-    if name_errors := [n for n in kwargs.get("learners", []) if n not in LEARNERS.names()]:
-        raise unknown_name_error("learner", name_errors[0], LEARNERS.names())
     tables = values.get("method", {})
     if not isinstance(tables, dict):
-        raise UserError("sweep key 'method' must be tables: [method.NAME] with learners, epochs, lr, options")
+        raise UserError("sweep key 'method' must be tables: [method.NAME] with method, learners, epochs, lr, options")
+    for name in kwargs["methods"]:
+        if name != ZEROSHOT:  # an unknown name lists the registered ones
+            entry = tables.get(name)
+            METHODS.get(entry["method"] if isinstance(entry, dict) and "method" in entry else name)
+    if name_errors := [n for n in kwargs.get("learners", []) if n not in LEARNERS.names()]:
+        raise unknown_name_error("learner", name_errors[0], LEARNERS.names())
     kwargs["method"] = {}
     for name, table in tables.items():
         if name not in kwargs["methods"]:
@@ -159,6 +183,7 @@ def build_sweep(values: dict[str, Any]) -> Sweep:
             if bad := [n for n in learners if n not in LEARNERS.names()]:
                 raise unknown_name_error("learner", bad[0], LEARNERS.names())
         kwargs["method"][name] = MethodSettings(
+            method=_typed(f"method.{name}.method", table["method"], str) if "method" in table else None,
             learners=learners,
             epochs=_typed(f"method.{name}.epochs", table["epochs"], int) if "epochs" in table else None,
             lr=_typed(f"method.{name}.lr", table["lr"], float) if "lr" in table else None,
@@ -166,6 +191,7 @@ def build_sweep(values: dict[str, Any]) -> Sweep:
     sweep = Sweep(**kwargs)
     if sweep.epochs < 1 or sweep.shots < 0 or sweep.bootstrap < 0 or sweep.batch_size < 1:
         raise UserError("sweep: epochs and batch_size must be >= 1, shots and bootstrap >= 0")
+    sweep.wording_protocol()  # an unknown wordings mode fails here
     return sweep
 
 
@@ -193,12 +219,13 @@ def plan(sweep: Sweep) -> tuple[list[RunSpec], list[str]]:
             learners = [ZEROSHOT]
         else:
             wanted = sweep.settings(method).learners or sweep.learners
-            learners = [lr for lr in wanted if fits(method, lr)]
-            left_out += [f"{method}/{lr}" for lr in wanted if not fits(method, lr)]
+            registered = sweep.registered(method)
+            learners = [lr for lr in wanted if fits(registered, lr)]
+            left_out += [f"{method}/{lr}" for lr in wanted if not fits(registered, lr)]
             if not learners:
                 from ..train.method import METHODS
 
                 raise UserError(f"method '{method}' fits none of the learners {wanted}; "
-                                f"it needs one of: {', '.join(METHODS.get(method).learners or ())}")
+                                f"it needs one of: {', '.join(METHODS.get(registered).learners or ())}")
         runs += [RunSpec(method, lr, ds, seed) for ds in sweep.datasets for lr in learners for seed in sweep.seeds]
     return runs, left_out

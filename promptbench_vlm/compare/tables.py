@@ -10,7 +10,9 @@ from dataclasses import dataclass
 
 from rich.table import Table
 
+from ..wordings import POOLS, split_subset_name, split_wordings, subset_name
 from .grid import RunRecord
+from .sweep import Sweep
 from .stats import CLEAN_METRICS, PERTURBATION_METRICS, Cell, Comparison, GroupSummary
 
 DIGITS = {"acc_mean": 2, "sensitivity": 4, "AS": 2, "LPR": 2, "TS": 4, "base": 2, "new": 2, "H": 2}
@@ -42,9 +44,43 @@ def _all_subsets(summaries: list[GroupSummary]) -> list[str]:
     return list(dict.fromkeys(s for summary in summaries for s in summary.subsets))
 
 
+def wording_table(summaries: list[GroupSummary]) -> TextTable:
+    """The wording protocol's table: per method and class subset, accuracy (and H) and S(θ) on the
+    seen, held-out and out-of-family wordings side by side."""
+    classes = list(dict.fromkeys(split_subset_name(s)[0] for summary in summaries for s in summary.subsets))
+    rows = []
+    for s in summaries:
+        g = s.group
+        lead = [g.method, g.learner, g.dataset, ",".join(map(str, sorted(g.docs)))]
+        for subset in classes:
+            for metric in CLEAN_METRICS:
+                rows.append(lead + [subset, NAMES[metric]] + [
+                    fmt_cell(s.clean.get(subset_name(subset, pool), {}).get(metric), DIGITS[metric]) for pool in POOLS])
+        if s.base_new_by_wording:
+            rows.append(lead + ["base-new", "H"] + [fmt_cell(s.base_new_by_wording.get(pool, {}).get("H"), 2)
+                                                    for pool in POOLS])
+    return TextTable("accuracy (%), H and S(θ) on seen / held-out / out-of-family wordings: mean ± std over seeds "
+                     "[95% CI over seeds x images]",
+                     ["method", "learner", "dataset", "seeds", "classes", "metric", *POOLS], rows)
+
+
+def wording_line(sweep: Sweep) -> str:
+    """The report's line on the wording protocol: the split's settings and pool sizes."""
+    protocol = sweep.wording_protocol()
+    if protocol is None:
+        return f"wordings: all (every method trained as it says; evaluated on {sweep.templates} whole)"
+    split = split_wordings(protocol)
+    return (f"wordings: split of {protocol.pool} (seed {protocol.seed}, by family): {len(split.seen)} seen "
+            f"(every method trains on these only), {len(split.held_out)} held out; {len(split.out_of_family)} "
+            f"out-of-family ({protocol.out_of_family}); docs/wordings.md")
+
+
 def headline_table(summaries: list[GroupSummary]) -> TextTable:
-    """One row per method/learner/dataset: base, new and H (or accuracy per subset) and S(θ)."""
+    """One row per method/learner/dataset: base, new and H (or accuracy per subset) and S(θ); under
+    the wording protocol, the seen / held-out / out-of-family table (`wording_table`)."""
     subsets = _all_subsets(summaries)
+    if any(split_subset_name(s)[1] for s in subsets):
+        return wording_table(summaries)
     with_h = any(s.base_new for s in summaries)
     acc_cols = ["base", "new", "H"] if with_h else subsets
     header = ["method", "learner", "dataset", "seeds"]

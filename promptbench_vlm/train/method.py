@@ -28,12 +28,16 @@ class TrainingMethod(nn.Module):
         learner_defaults: Per learner name, the learner options the method's reference configs
             use where they differ from the learner's own defaults (PromptSRC: 4 + 4 IVLP tokens);
             options the user gives win.
+        template_options: Options naming a template set the method trains on; under the wording
+            protocol (`wordings`) the run sets each of them to the seen pool, so no method
+            trains on a held-out wording.
     """
 
     name: ClassVar[str] = ""
     learners: ClassVar[tuple[str, ...] | None] = None
     lr: ClassVar[float] = 0.002
     learner_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
+    template_options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, learner: PromptLearner, classnames: list[str], **options: Any):
         super().__init__()

@@ -106,6 +106,7 @@ class Promise(TrainingMethod):
 
     name = "promise"
     learners = ("coop", "ivlp", "maple")
+    template_options = ("templates",)
 
     def __init__(self, learner: PromptLearner, classnames: list[str], templates: str = "promptsrc60",
                  templates_in: int = 30, templates_out: int = 30, inner_steps: int = 3, inner_lr: float = 0.01,

@@ -45,6 +45,7 @@ class PromptSRC(ERM):
     name = "promptsrc"
     learners = ("ivlp",)
     learner_defaults = {"ivlp": {"n_ctx": 4, "n_ctx_v": 4}}
+    template_options = ("frozen_templates",)
     GPA_MEAN, GPA_STD = 15.0, 1.0
 
     def __init__(self, learner: PromptLearner, classnames: list[str], template: str = "{}.",

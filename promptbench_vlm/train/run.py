@@ -15,7 +15,7 @@ import json
 import math
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,8 @@ from ..learners import build_learner, load_learner_checkpoint
 from ..perturb import parse_perturbations
 from ..results import backbone_fields, build_result, read_result, write_json
 from ..templates import load_templates
+from ..wordings import (WordingProtocol, evaluation_pools, seen_pool_options, split_wordings, subset_name,
+                        wording_fields, write_seen_pool)
 from .fewshot import DEFAULT_CACHE, few_shot
 from .loop import TrainConfig, train
 from .maml_tasks import JointDataset
@@ -36,6 +38,7 @@ from .method import METHODS, build_method
 from .train_state import STATE, load_state
 
 CHECKPOINT, LOG, SETTINGS, RESULT = "learner.safetensors", "log.jsonl", "train.json", "result.json"
+SEEN_WORDINGS = "seen-wordings.txt"
 VOLATILE_REQUEST_FIELDS = ("resume", "overwrite")
 """Request fields that may differ between an interrupted run and its resumption."""
 
@@ -57,6 +60,7 @@ class TrainRequest:
     method_options: dict[str, Any] = field(default_factory=dict)
     config: TrainConfig = field(default_factory=TrainConfig)
     eval_templates: str = "promptsrc60"
+    wordings: WordingProtocol | None = None  # the wording protocol; None: train and evaluate on eval_templates
     eval_perturb: str = "default"
     bootstrap: int = 1000
     device: str = "auto"
@@ -145,6 +149,7 @@ def run_training(request: TrainRequest, run_info: dict[str, Any], progress: Prog
     folder = Path(request.output)
     config = request.config
     eval_templates = load_templates(request.eval_templates)
+    split = split_wordings(request.wordings) if request.wordings else None
     eval_specs = parse_perturbations(request.eval_perturb)
     options = request.dataset_options
     sources = [request.dataset] if isinstance(request.dataset, str) else list(request.dataset)
@@ -176,7 +181,11 @@ def run_training(request: TrainRequest, run_info: dict[str, Any], progress: Prog
     else:
         known = list(dict.fromkeys([*train_data.classnames, *(c for ds in test_sets for c in ds.classnames)]))
         learner = build_learner(request.learner, backbone, learner_options(request, train_data.classnames, known))
-    method = build_method(request.method, learner, train_data.classnames, request.method_options)
+    method_options = dict(request.method_options)
+    if split is not None:  # every method trains on the same seen pool, none on a held-out wording
+        seen_file = distributed.main_only(lambda: write_seen_pool(folder / SEEN_WORDINGS, split))
+        method_options = seen_pool_options(METHODS.get(request.method), method_options, split, seen_file)
+    method = build_method(request.method, learner, train_data.classnames, method_options)
     lr = config.lr if config.lr is not None else getattr(method, "default_lr", lambda _: method.lr)(learner.name)
     if main and start is None:
         settings = {"request": _jsonable(request), "lr": lr, "train_images": len(train_data)}
@@ -184,7 +193,8 @@ def run_training(request: TrainRequest, run_info: dict[str, Any], progress: Prog
             tmp.write_text(json.dumps(settings, indent=2))
 
     extra = {"method": request.method, "method_options": method.options, "train": config.to_dict(), "lr": lr,
-             "dataset": request.dataset, "subset": request.subset, "shots": request.shots}
+             "dataset": request.dataset, "subset": request.subset, "shots": request.shots,
+             "wordings": split.to_dict() if split else None}
     checkpoint = folder / CHECKPOINT
     save = (lambda epoch: learner.save(checkpoint, {**extra, "epoch": epoch})) if main else None
     if method.fit is not None:
@@ -195,13 +205,15 @@ def run_training(request: TrainRequest, run_info: dict[str, Any], progress: Prog
     if main:
         learner.save(checkpoint, {**extra, "epoch": config.epochs, "final": True})
 
-    evaluator = Evaluator(learner, EvalSettings(templates=eval_templates.templates, perturbations=tuple(eval_specs),
-                                                seed=config.seed, bootstrap=request.bootstrap), progress=progress)
-    subsets = [evaluator.run(ds, subset=name) for ds, name in zip(test_sets, eval_subsets)]
+    subsets = []
+    for pool, templates in evaluation_pools(split, eval_templates.templates):
+        evaluator = Evaluator(learner, EvalSettings(templates=templates, perturbations=tuple(eval_specs),
+                                                    seed=config.seed, bootstrap=request.bootstrap), progress=progress)
+        subsets += [evaluator.run(ds, subset=subset_name(name, pool)) for ds, name in zip(test_sets, eval_subsets)]
     run = {**run_info, **backbone_fields(backbone), "learner": learner.name, "learner_options": learner.options,
            "checkpoint": str(checkpoint), "dataset": sources[0], "split": "test",
            "subset": "base-new" if len(eval_subsets) == 2 else request.subset,
-           "templates_name": eval_templates.name, "templates": list(eval_templates.templates),
+           **wording_fields(split, eval_templates),
            "perturbations": [{"label": p.label, "op": p.op, "rate": p.rate, "level": p.level} for p in eval_specs],
            "draws": 1, "seed": config.seed, "bootstrap": request.bootstrap, "device": str(backbone.device),
            "training": {**extra, "steps": outcome.steps, "first_loss": outcome.losses[0] if outcome.losses else None,
@@ -237,6 +249,7 @@ def _jsonable(request: TrainRequest) -> dict[str, Any]:
     data = dict(request.__dict__)
     data["config"] = request.config.to_dict()
     data["dataset_options"] = dict(request.dataset_options.__dict__)
+    data["wordings"] = asdict(request.wordings) if request.wordings else None
     return data
 
 
