@@ -8,8 +8,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..learners.base import PromptLearner
 from ..errors import UserError
+from ..learners.base import PromptLearner
 from ..perturb import fill_template
 from ..templates import load_templates
 from .method import TrainingMethod
