@@ -7,7 +7,6 @@ writes what it finished (marked incomplete).
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import os
 import platform
@@ -25,6 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from . import __version__
 from .errors import UserError
+from .files import sha256_file
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Measure how prompt wording moves CLIP-style prompt learners.")
 console = Console(stderr=True)
@@ -60,14 +60,6 @@ def output_path(template: str, **fields: str) -> Path:
         return Path(template.format(**safe))
     except (KeyError, IndexError) as err:
         raise UserError(f"--output template has an unknown field {err}; fields: {', '.join(sorted(safe))}") from None
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def environment_info() -> dict[str, Any]:
@@ -324,6 +316,34 @@ def train(
     training = doc["run"]["training"]
     console.print(f"trained {training['steps']} steps: loss {training['first_loss']:.4f} -> {training['last_loss']:.4f}; "
                   f"run folder {folder}/")
+
+
+@app.command("import")
+def import_(
+    source: Annotated[Path, typer.Argument(help="A Dassl checkpoint of CoOp, CoCoOp, IVLP, MaPLe or PromptSRC (model.pth.tar-N).")],
+    output: Annotated[Path, typer.Option(help="Where to write our learner checkpoint (.safetensors).")],
+    learner: Annotated[Optional[str], typer.Option(help="The learner the file must hold; default: the one its names say.")] = None,
+    model: Annotated[str, typer.Option(help="The backbone the prompts were trained on.")] = "ViT-B-16",
+    pretrained: Annotated[Optional[str], typer.Option(help="Its weights: tag or local file (OpenAI weights build QuickGELU); '' for random init.")] = "openai",
+    ctx_init: Annotated[str, typer.Option(help="The reference config's CTX_INIT; IVLP/MaPLe keep its words after n_ctx as fixed text; '' for none.")] = "a photo of a",
+    learner_opt: Annotated[list[str], typer.Option("--learner-opt", help="Further learner option KEY=VALUE (e.g. class_token_position=middle).")] = [],
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "cpu",
+) -> None:
+    """Convert a published reference prompt checkpoint into a learner checkpoint (docs/import.md).
+
+    Reads the file with torch.load(weights_only=True) only; one that needs anything else unpickled is refused.
+    """
+    from .backbone import load_backbone
+    from .learners.reference_import import import_checkpoint
+
+    if output.exists() and not overwrite:
+        raise UserError(f"{output} exists; pass --overwrite to replace it")
+    backbone = load_backbone(model, pretrained or None, device)
+    prompt_learner, origin = import_checkpoint(source, backbone, learner, ctx_init or None, parse_options(learner_opt))
+    prompt_learner.save(output, {"imported_from": origin})
+    console.print(f"wrote {output}: {prompt_learner.name} {prompt_learner.options} from {source} "
+                  f"(sha256 {origin['sha256'][:16]}, epoch {origin['epoch']})", highlight=False, soft_wrap=True)
 
 
 @app.command()
