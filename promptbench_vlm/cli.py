@@ -7,7 +7,6 @@ writes what it finished (marked incomplete).
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import platform
 import re
@@ -37,20 +36,6 @@ class Listable(str, Enum):
     templates = "templates"
     perturbations = "perturbations"
     datasets = "datasets"
-
-
-def parse_options(pairs: list[str], flag: str = "--learner-opt") -> dict[str, Any]:
-    """Turn ``key=value`` strings into a dict; values are JSON when they parse, else strings."""
-    options: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise UserError(f"{flag} must be KEY=VALUE, got '{pair}'")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
-    return options
 
 
 def output_path(template: str, **fields: str) -> Path:
@@ -123,7 +108,8 @@ def evaluate(
     from .data import SUBSETS, DatasetOptions, load_dataset
     from .evaluate import EvalSettings, Evaluator
     from .files import cache_root
-    from .learners import LEARNERS, build_learner, is_checkpoint, load_learner_checkpoint
+    from .learners import build_learner, check_learner_options, is_checkpoint, load_learner_checkpoint
+    from .options import split_pairs
     from .perturb import load_lexicon, parse_perturbations
     from .report import render
     from .results import backbone_fields, build_result, read_result, write_csv, write_json
@@ -142,15 +128,15 @@ def evaluate(
     options = DatasetOptions(split=split, image_column=image_column, label_column=label_column,
                              trust_remote_code=trust_remote_code)
     datasets = [load_dataset(dataset, options, s) for s in subsets]
-    if not is_checkpoint(learner):
-        LEARNERS.get(learner)  # an unknown name fails here, before any model loads
+    if not is_checkpoint(learner):  # an unknown name or option fails here, before any model loads
+        learner_options = check_learner_options(learner, split_pairs(learner_opt, "--learner-opt"))
     backbone = load_backbone(model, pretrained, device)
     if backbone.pretrained is None and backbone.name != "toy-clip" and main:
         console.print(f"[yellow]warning:[/] no --pretrained given: {backbone.name} is randomly initialised")
     if is_checkpoint(learner):
         prompt_learner = load_learner_checkpoint(learner, backbone)
     else:
-        prompt_learner = build_learner(learner, backbone, parse_options(learner_opt))
+        prompt_learner = build_learner(learner, backbone, learner_options)
     settings = EvalSettings(templates=template_set.templates, perturbations=tuple(specs), draws=draws, seed=seed,
                             bootstrap=bootstrap, batch_size=batch_size, num_workers=num_workers, lexicon=lex,
                             amp=amp)
@@ -271,6 +257,7 @@ def train(
     """
     from . import distributed
     from .learners import LEARNERS
+    from .options import split_pairs
     from .report import render
     from .resume import Terminated, sigterm_interrupts
     from .train.loop import TrainConfig
@@ -287,7 +274,7 @@ def train(
         method=method, learner=learner if init is None else "", model=model, pretrained=pretrained,
         dataset=dataset[0] if len(dataset) == 1 else dataset,
         shots=shots, subset=subset, output=str(folder), init=str(init) if init else None,
-        learner_options=parse_options(learner_opt), method_options=parse_options(method_opt, "--method-opt"),
+        learner_options=split_pairs(learner_opt, "--learner-opt"), method_options=split_pairs(method_opt, "--method-opt"),
         config=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, warmup_epochs=warmup_epochs,
                            accumulate=accumulate, seed=seed, amp=amp, num_workers=num_workers),
         eval_templates=eval_templates, eval_perturb=eval_perturb, bootstrap=bootstrap, device=device,
@@ -336,11 +323,13 @@ def import_(
     """
     from .backbone import load_backbone
     from .learners.reference_import import import_checkpoint
+    from .options import split_pairs
 
     if output.exists() and not overwrite:
         raise UserError(f"{output} exists; pass --overwrite to replace it")
     backbone = load_backbone(model, pretrained or None, device)
-    prompt_learner, origin = import_checkpoint(source, backbone, learner, ctx_init or None, parse_options(learner_opt))
+    prompt_learner, origin = import_checkpoint(source, backbone, learner, ctx_init or None,
+                                               split_pairs(learner_opt, "--learner-opt"))
     prompt_learner.save(output, {"imported_from": origin})
     console.print(f"wrote {output}: {prompt_learner.name} {prompt_learner.options} from {source} "
                   f"(sha256 {origin['sha256'][:16]}, epoch {origin['epoch']})", highlight=False, soft_wrap=True)
@@ -461,19 +450,22 @@ def compare(
 
 
 @app.command("list")
-def list_(what: Annotated[Listable, typer.Argument(help="What to list.")]) -> None:
+def list_(
+    what: Annotated[Listable, typer.Argument(help="What to list.")],
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Learners and methods: also each one's options (type, default, help) and capabilities.")] = False,
+) -> None:
     """List learners and methods (built-in and plug-in), template sets, perturbation ops or dataset sources."""
-    out = Console()
-    if what is Listable.learners:
+    out = Console(soft_wrap=True, highlight=False)
+    if what in (Listable.learners, Listable.methods):
+        from .describe import describe_learner, describe_method
         from .learners import LEARNERS
-
-        for name in LEARNERS.names():
-            out.print(f"{name:<16} {LEARNERS.origin(name)}")
-    elif what is Listable.methods:
         from .train.method import METHODS
 
-        for name in METHODS.names():
-            out.print(f"{name:<16} {METHODS.origin(name)}")
+        registry, describe = (LEARNERS, describe_learner) if what is Listable.learners else (METHODS, describe_method)
+        for name in registry.names():
+            out.print(escape(f"{name:<16} {registry.origin(name)}"))
+            for line in describe(name) if verbose else []:
+                out.print(escape(f"    {line}"))
     elif what is Listable.templates:
         from .templates import list_template_sets, load_templates
 

@@ -7,6 +7,7 @@ precedence over entry points of the same name.
 
 from __future__ import annotations
 
+import traceback
 from importlib.metadata import EntryPoint, entry_points
 from typing import Generic, TypeVar
 
@@ -67,3 +68,10 @@ class Registry(Generic[T]):
             return ep.load()
         except Exception as err:  # a broken plug-in must say which one, not crash the CLI
             raise UserError(f"{self.kind} '{name}' ({ep.value}) failed to load: {err}") from err
+
+    def raised_inside(self, name: str, err: BaseException) -> UserError:
+        """An error from the code of `name` (a TypeError while building it: options are checked
+        before, so it is not a bad option) as that code's error, with the place it was raised."""
+        frame = traceback.extract_tb(err.__traceback__)[-1]
+        return UserError(f"{self.kind} '{name}' ({self.origin(name)}) raised {type(err).__name__}: {err} "
+                         f"(at {frame.filename}:{frame.lineno}, in {frame.name})")

@@ -236,7 +236,7 @@ def test_bad_combinations_fail_clearly(tiny_backbone):
     with pytest.raises(UserError, match="no 'all' vision prompt tokens"):
         build_method("anprompt", build_learner("ivlp", tiny_backbone, {"n_ctx_v": 0}), CLASSES,
                      {"noise_prompts": False})
-    with pytest.raises(UserError, match="does not fit learner 'coop'"):
+    with pytest.raises(UserError, match="cannot train learner 'coop': it lacks the capability 'layer_prompts'"):
         build_method("anprompt", build_learner("coop", tiny_backbone), CLASSES)
 
 

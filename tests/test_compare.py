@@ -97,8 +97,12 @@ def test_sweep_errors_are_one_clear_line(tmp_path):
         build_sweep({"methods": ["erm"], "wordings": "split2"})
     with pytest.raises(UserError, match="not in 'methods'"):
         build_sweep({"methods": ["erm"], "method": {"promise": {"epochs": 2}}})
-    with pytest.raises(UserError, match="fits none of the learners.*ivlp"):
+    with pytest.raises(UserError, match=r"fits none of the learners \['coop'\] \(coop lacks image_side_learned\)"):
         plan(build_sweep({"methods": ["promptsrc"], "learners": ["coop"]}))
+    with pytest.raises(UserError, match="unknown method 'promise' option 'wieghting'.*Did you mean 'weighting'"):
+        build_sweep({"methods": ["promise"], "method": {"promise": {"options": {"wieghting": False}}}})
+    typed = build_sweep({"methods": ["promise"], "method": {"promise": {"options": {"weighting": "no"}}}})
+    assert typed.settings("promise").options == {"weighting": False}
     with pytest.raises(UserError, match="not valid TOML"):
         read_sweep_file(write_sweep(tmp_path / "bad.toml", "methods = [erm"))
     with pytest.raises(UserError, match="not found"):

@@ -246,7 +246,9 @@ def test_options_record_every_default(tiny_backbone):
     assert learner.options == {"n_ctx": 2, "ctx_init": "a photo of a", "depth": 1, "n_ctx_v": 2, "depth_v": 1}
     maple = build_learner("maple", tiny_backbone, {"depth": 1})
     assert maple.options == {"n_ctx": 2, "ctx_init": "a photo of a", "depth": 1}
-    assert build_learner("coop", tiny_backbone).options == {"n_ctx": 4, "ctx_init": "a photo of a"}
+    assert build_learner("coop", tiny_backbone).options == {"n_ctx": 4, "ctx_init": "a photo of a", "csc": False,
+                                                             "class_token_position": "end", "classnames": None}
+    assert build_learner("cocoop", tiny_backbone).options == {"n_ctx": 4, "ctx_init": "a photo of a"}
 
 
 def test_context_init_rule(tiny_backbone):
@@ -268,7 +270,8 @@ def test_context_init_rule(tiny_backbone):
         ("coop", {"n_ctx": 0}, "n_ctx must be an integer >= 1"),
         ("ivlp", {"n_ctx": "two"}, "n_ctx must be an integer"),
         ("coop", {"n_ctx": 40}, "leaves no room"),
-        ("coop", {"depth": 2}, "bad options"),
+        ("coop", {"depth": 2}, "unknown learner 'coop' option 'depth'.*Valid: class_token_position, classnames, csc, ctx_init, n_ctx"),
+        ("zeroshot", {"n_ctx": 2}, "learner 'zeroshot' takes no options, got 'n_ctx'"),
     ],
 )
 def test_bad_options_are_user_errors(tiny_backbone, name, options, message):

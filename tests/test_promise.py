@@ -249,7 +249,7 @@ def test_bad_options_are_user_errors(tiny_backbone):
     for options in ({"templates_in": 40}, {"inner_steps": 0}, {"tau": 0}, {"meta_update": "sgd"}, {"anchor": -1}):
         with pytest.raises(UserError, match="promise"):
             build_method("promise", learner, CLASSES, options)
-    with pytest.raises(UserError, match="does not fit learner 'cocoop'"):
+    with pytest.raises(UserError, match="cannot train learner 'cocoop': it lacks the capability 'unconditional'"):
         build_method("promise", build_learner("cocoop", tiny_backbone), CLASSES)
 
 

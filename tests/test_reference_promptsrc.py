@@ -66,7 +66,7 @@ def test_promptsrc_defaults_are_the_base_to_new_config(backbone):
     request = TrainRequest(method="promptsrc", learner="ivlp", learner_options={"depth": 2})
     options = learner_options(request, CLASSES, CLASSES)
     assert options == {"n_ctx": 4, "n_ctx_v": 4, "depth": 2}
-    assert METHODS.get("promptsrc").default_lr("ivlp") == 0.0025
+    assert METHODS.get("promptsrc").lr == 0.0025
     user = learner_options(TrainRequest(method="promptsrc", learner="ivlp", learner_options={"n_ctx": 2}), [], [])
     assert user["n_ctx"] == 2  # the user's option wins
     learner = build_learner("ivlp", backbone, {"depth": 1, "depth_v": 1, "n_ctx": 4, "n_ctx_v": 4})

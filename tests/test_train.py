@@ -74,7 +74,8 @@ def test_finished_run_is_not_overwritten(split_folder, tmp_path):
 
 
 def test_method_learner_mismatch_is_clear(tiny_backbone):
-    with pytest.raises(UserError, match="'promptsrc' does not fit learner 'coop'.*ivlp"):
+    with pytest.raises(UserError, match="'promptsrc' cannot train learner 'coop': it lacks the capability "
+                                        "'image_side_learned'"):
         build_method("promptsrc", build_learner("coop", tiny_backbone), ["red", "blue"])
     with pytest.raises(UserError, match="no trainable parameters"):
         build_method("erm", build_learner("zeroshot", tiny_backbone), ["red", "blue"])

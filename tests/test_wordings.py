@@ -10,7 +10,7 @@ import pytest
 from conftest import TINY_CONFIG, assert_one_line_error, run_console, write_train_test_folders
 
 from promptbench_vlm.errors import UserError
-from promptbench_vlm.learners import build_learner
+from promptbench_vlm.learners import build_learner, learner_class
 from promptbench_vlm.templates import load_templates
 from promptbench_vlm.train.loop import TrainConfig
 from promptbench_vlm.train.method import METHODS, build_method
@@ -47,7 +47,8 @@ def test_split_is_seeded_by_family_disjoint_and_round_trips(split):
 @pytest.mark.parametrize("name", METHODS.names())
 def test_every_method_trains_on_the_seen_pool_only(name, split, tiny_backbone, tmp_path):
     cls = METHODS.get(name)
-    learner = build_learner((cls.learners or ("coop",))[0], tiny_backbone)
+    fitting = next(n for n in ("coop", "ivlp") if not cls.missing(learner_class(n)))  # by the capabilities it needs
+    learner = build_learner(fitting, tiny_backbone)
     seen_file = write_seen_pool(tmp_path / SEEN_WORDINGS, split)
     options = seen_pool_options(cls, dict(EXTRA_OPTIONS.get(name, {})), split, seen_file)
     method = build_method(name, learner, ["red", "blue"], options)

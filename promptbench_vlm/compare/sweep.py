@@ -141,7 +141,7 @@ def build_sweep(values: dict[str, Any]) -> Sweep:
             (listing the registered ones), or a method table for a method not in the sweep.
     """
     from ..learners import LEARNERS
-    from ..train.method import METHODS
+    from ..train.method import METHODS, check_method_options
 
     known = set(_LISTS) | set(_SCALARS) | {"method"}
     for key in values:
@@ -182,12 +182,14 @@ def build_sweep(values: dict[str, Any]) -> Sweep:
             learners = [_typed(f"method.{name}.learners", v, str) for v in learners]
             if bad := [n for n in learners if n not in LEARNERS.names()]:
                 raise unknown_name_error("learner", bad[0], LEARNERS.names())
+        registered = _typed(f"method.{name}.method", table["method"], str) if "method" in table else None
         kwargs["method"][name] = MethodSettings(
-            method=_typed(f"method.{name}.method", table["method"], str) if "method" in table else None,
+            method=registered,
             learners=learners,
             epochs=_typed(f"method.{name}.epochs", table["epochs"], int) if "epochs" in table else None,
             lr=_typed(f"method.{name}.lr", table["lr"], float) if "lr" in table else None,
-            options=_typed(f"method.{name}.options", table.get("options", {}), dict))
+            options=check_method_options(registered or name,
+                                         _typed(f"method.{name}.options", table.get("options", {}), dict)))
     sweep = Sweep(**kwargs)
     if sweep.epochs < 1 or sweep.shots < 0 or sweep.bootstrap < 0 or sweep.batch_size < 1:
         raise UserError("sweep: epochs and batch_size must be >= 1, shots and bootstrap >= 0")
@@ -195,12 +197,13 @@ def build_sweep(values: dict[str, Any]) -> Sweep:
     return sweep
 
 
-def fits(method: str, learner: str) -> bool:
-    """Whether `method` can train `learner` (its declared learners; any learner when it declares none)."""
+def missing(method: str, learner: str) -> list[str]:
+    """The capabilities `method` needs that `learner` lacks (``trainable parameters`` for zeroshot);
+    empty when it fits."""
+    from ..learners import learner_class
     from ..train.method import METHODS
 
-    allowed = METHODS.get(method).learners
-    return learner != ZEROSHOT and (allowed is None or learner in allowed)
+    return ["trainable parameters"] if learner == ZEROSHOT else METHODS.get(method).missing(learner_class(learner))
 
 
 def plan(sweep: Sweep) -> tuple[list[RunSpec], list[str]]:
@@ -219,13 +222,11 @@ def plan(sweep: Sweep) -> tuple[list[RunSpec], list[str]]:
             learners = [ZEROSHOT]
         else:
             wanted = sweep.settings(method).learners or sweep.learners
-            registered = sweep.registered(method)
-            learners = [lr for lr in wanted if fits(registered, lr)]
-            left_out += [f"{method}/{lr}" for lr in wanted if not fits(registered, lr)]
+            lacking = {lr: missing(sweep.registered(method), lr) for lr in wanted}
+            learners = [lr for lr in wanted if not lacking[lr]]
+            left_out += [f"{method}/{lr}" for lr in wanted if lacking[lr]]
             if not learners:
-                from ..train.method import METHODS
-
-                raise UserError(f"method '{method}' fits none of the learners {wanted}; "
-                                f"it needs one of: {', '.join(METHODS.get(registered).learners or ())}")
+                reasons = "; ".join(f"{lr} lacks {', '.join(lacking[lr])}" for lr in wanted)
+                raise UserError(f"method '{method}' fits none of the learners {wanted} ({reasons})")
         runs += [RunSpec(method, lr, ds, seed) for ds in sweep.datasets for lr in learners for seed in sweep.seeds]
     return runs, left_out

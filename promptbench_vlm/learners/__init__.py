@@ -11,8 +11,9 @@ from typing import Any
 
 from ..backbone import Backbone, load_backbone
 from ..errors import UserError
+from ..options import parse_given
 from ..registry import Registry
-from .base import PromptLearner, read_checkpoint
+from .base import Capabilities, PromptLearner, read_checkpoint
 
 LEARNERS: Registry[type[PromptLearner]] = Registry("promptbench_vlm.learners", "learner")
 
@@ -22,15 +23,36 @@ def is_checkpoint(spec: str) -> bool:
     return spec.endswith(".safetensors") or Path(spec).is_file()
 
 
-def build_learner(name: str, backbone: Backbone, options: dict[str, Any] | None = None) -> PromptLearner:
-    """Instantiate the registered learner `name` on `backbone` with `options`."""
+def learner_class(name: str) -> type[PromptLearner]:
+    """The registered learner class `name`.
+
+    Raises:
+        UserError: an unknown name (listing the valid ones) or an object that is no PromptLearner.
+    """
     cls = LEARNERS.get(name)
     if not (isinstance(cls, type) and issubclass(cls, PromptLearner)):
         raise UserError(f"learner '{name}' ({LEARNERS.origin(name)}) is not a PromptLearner subclass")
+    return cls
+
+
+def check_learner_options(name: str, options: dict[str, Any] | None) -> dict[str, Any]:
+    """`options` of learner `name` checked against its declaration and typed (only the keys
+    given), before any model loads.
+
+    Raises:
+        UserError: unknown learner, unknown option (with "did you mean") or a value of the wrong type.
+    """
+    return parse_given(f"learner '{name}'", learner_class(name).Options, options)
+
+
+def build_learner(name: str, backbone: Backbone, options: dict[str, Any] | None = None) -> PromptLearner:
+    """Instantiate the registered learner `name` on `backbone` with `options` (checked against
+    its declared options; a TypeError from the learner's own code names the place it was raised)."""
+    cls = learner_class(name)
     try:
         learner = cls(backbone, **(options or {}))
     except TypeError as err:
-        raise UserError(f"learner '{name}': bad options {options}: {err}") from None
+        raise LEARNERS.raised_inside(name, err) from err
     return learner.to(backbone.device)
 
 
@@ -55,4 +77,5 @@ def load_learner_checkpoint(path: str | Path, backbone: Backbone | None = None, 
     return learner
 
 
-__all__ = ["LEARNERS", "PromptLearner", "build_learner", "is_checkpoint", "load_learner_checkpoint"]
+__all__ = ["LEARNERS", "Capabilities", "PromptLearner", "build_learner", "check_learner_options", "is_checkpoint",
+           "learner_class", "load_learner_checkpoint"]

@@ -8,11 +8,17 @@ extra tokens (`blocks.LayerPrompts`), beside the learner's own deep prompts.
 
 `anprompt-ivlp` and `anprompt-maple` are those learners, registered so that a checkpoint (whose
 tensors include the noise prompts) rebuilds them from its options alone. `add_anti_noise` turns
-an already built ivlp/maple learner into its anprompt counterpart in place: the trainer keeps the
-learner object it built and saves and scores that object, so the method cannot swap in a wrapper.
+an already built learner into the anti-noise counterpart its capabilities name, in place: the
+trainer keeps the learner object it built and saves and scores that object, so the method cannot
+swap in a wrapper. A plug-in learner with the `layer_prompts` capability gets a counterpart the
+same way: ``class Mine(AntiNoiseLearner, MyLearner)`` registered under the name it declares as
+``Capabilities.anti_noise`` (docs/plugins.md).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -20,16 +26,18 @@ from torch import nn
 
 from ..backbone import Backbone
 from ..errors import UserError
+from ..options import option, parse_options
+from .base import PromptLearner
 from .blocks import LayerPrompts
 from .checks import check_count
-from .coop import DEFAULT_CTX_INIT
-from .deep import DeepPromptLearner, random_prompts
-from .ivlp import IVLPLearner
+from .deep import DeepOptions, random_prompts
+from .ivlp import IVLPLearner, IVLPOptions
 from .maple import MaPLeLearner
 from .text import text_feature_dim
 from .vision import encode_image_with_prompts
 
-NRVPP_TOKENS = ("all", "deep", "anti")
+NrvppTokens = Literal["all", "deep", "anti"]
+"""Which output prompt tokens the NRVPP prototype averages."""
 
 
 class AntiNoisePrompts(nn.Module):
@@ -60,8 +68,18 @@ class AntiNoisePrompts(nn.Module):
         return [torch.cat([noise, tokens]) for tokens in self.tokens[tower]]
 
 
-class AntiNoiseLearner(DeepPromptLearner):
-    """A deep-prompt learner whose last layers also carry anti-noise prompts (see module doc).
+@dataclass(frozen=True)
+class AntiNoiseOptions:
+    """The anti-noise options an anprompt learner adds to its base learner's."""
+
+    clusters: int = option(4, "Number of noise prompts K.")
+    anti_tokens: int = option(2, "Learnable tokens per anti-noise layer and tower.")
+    anti_layers: int = option(2, "How many last layers of each tower get anti-noise prompts.")
+
+
+class AntiNoiseLearner(PromptLearner):
+    """Mixin: a learner with the `layer_prompts` capability whose last layers also carry
+    anti-noise prompts (see module doc); list it before the base learner class.
 
     Attributes:
         anti_noise: The anti-noise part; ``anti_noise.noise`` holds the noise prompts.
@@ -72,13 +90,16 @@ class AntiNoiseLearner(DeepPromptLearner):
         check_count(self.name, "clusters", clusters, low=1)
         check_count(self.name, "anti_tokens", anti_tokens)
         check_count(self.name, "anti_layers", anti_layers, low=1)
-        text_layers = len(self.clip.transformer.resblocks)
-        if min(text_layers, self.vision_layers) < 2:
+        text_layers, vision_layers = len(self.clip.transformer.resblocks), self._vision_layers()
+        if min(text_layers, vision_layers) < 2:
             raise UserError(f"learner '{self.name}': anti-noise prompts need towers of at least 2 layers")
         self.options.update(clusters=clusters, anti_tokens=anti_tokens, anti_layers=anti_layers)
         towers = {"text": (self.clip.transformer.width, len(self._anti_layers(text_layers))),
-                  "vision": (self.vision_width, len(self._anti_layers(self.vision_layers)))}
+                  "vision": (int(self.clip.visual.transformer.width), len(self._anti_layers(vision_layers)))}
         self.anti_noise = AntiNoisePrompts(clusters, text_feature_dim(self.clip), towers, anti_tokens).to(self.device)
+
+    def _vision_layers(self) -> int:
+        return len(self.clip.visual.transformer.resblocks)
 
     def _anti_layers(self, layers: int) -> range:
         """The blocks whose input gets anti-noise prompts: the last `anti_layers`, never block 0
@@ -97,60 +118,71 @@ class AntiNoiseLearner(DeepPromptLearner):
         return self._with_anti_noise(super().text_layer_prompts(), "text", len(self.clip.transformer.resblocks))
 
     def vision_layer_prompts(self) -> list[torch.Tensor | LayerPrompts | None]:
-        return self._with_anti_noise(super().vision_layer_prompts(), "vision", self.vision_layers)
+        return self._with_anti_noise(super().vision_layer_prompts(), "vision", self._vision_layers())
+
+    def __init__(self, backbone: Backbone, **options: Any):
+        super().__init__(backbone, **options)
+        self._add_anti_noise(self.config.clusters, self.config.anti_tokens, self.config.anti_layers)
+
+
+@dataclass(frozen=True)
+class ANPromptIVLPOptions(AntiNoiseOptions, IVLPOptions):
+    """IVLP's options plus the anti-noise ones."""
+
+
+@dataclass(frozen=True)
+class ANPromptMaPLeOptions(AntiNoiseOptions, DeepOptions):
+    """MaPLe's options plus the anti-noise ones."""
 
 
 class ANPromptIVLP(AntiNoiseLearner, IVLPLearner):
-    """IVLP with anti-noise prompts; options are IVLP's plus the anti-noise ones.
-
-    Args:
-        clusters: Number of noise prompts K (default 4).
-        anti_tokens: Learnable tokens per anti-noise layer and tower (default 2).
-        anti_layers: How many last layers of each tower get anti-noise prompts (default 2).
-    """
+    """IVLP with anti-noise prompts; options are IVLP's plus the anti-noise ones."""
 
     name = "anprompt-ivlp"
-
-    def __init__(self, backbone: Backbone, n_ctx: int = 2, ctx_init: str | None = DEFAULT_CTX_INIT,
-                 depth: int | None = None, n_ctx_v: int = 2, depth_v: int | None = None,
-                 clusters: int = 4, anti_tokens: int = 2, anti_layers: int = 2):
-        super().__init__(backbone, n_ctx, ctx_init, depth, n_ctx_v, depth_v)
-        self._add_anti_noise(clusters, anti_tokens, anti_layers)
+    Options = ANPromptIVLPOptions
+    capabilities = replace(IVLPLearner.capabilities, anti_noise=name)
 
 
 class ANPromptMaPLe(AntiNoiseLearner, MaPLeLearner):
-    """MaPLe with anti-noise prompts; options are MaPLe's plus the anti-noise ones (see `ANPromptIVLP`).
+    """MaPLe with anti-noise prompts; options are MaPLe's plus the anti-noise ones.
 
     The anti-noise prompts of the image tower are not projected from the text side as MaPLe's own
     prompts are: both towers map the shared noise prompts with their own linear map.
     """
 
     name = "anprompt-maple"
-
-    def __init__(self, backbone: Backbone, n_ctx: int = 2, ctx_init: str | None = DEFAULT_CTX_INIT,
-                 depth: int | None = None, clusters: int = 4, anti_tokens: int = 2, anti_layers: int = 2):
-        super().__init__(backbone, n_ctx, ctx_init, depth)
-        self._add_anti_noise(clusters, anti_tokens, anti_layers)
+    Options = ANPromptMaPLeOptions
+    capabilities = replace(MaPLeLearner.capabilities, anti_noise=name)
 
 
-ANTI_NOISE_LEARNERS: dict[str, type[AntiNoiseLearner]] = {"ivlp": ANPromptIVLP, "maple": ANPromptMaPLe}
+def add_anti_noise(learner: PromptLearner, clusters: int, anti_tokens: int, anti_layers: int) -> AntiNoiseLearner:
+    """Turn a built learner into the anti-noise counterpart its capabilities name, in place.
 
-
-def add_anti_noise(learner: DeepPromptLearner, clusters: int, anti_tokens: int, anti_layers: int
-                   ) -> AntiNoiseLearner:
-    """Turn a built ivlp/maple learner into its anprompt counterpart, in place.
-
-    The result is what building ``anprompt-<name>`` with the learner's options plus these would
+    The result is what building that counterpart with the learner's options plus these would
     give (its checkpoint rebuilds it), keeping the prompts the learner already has.
+
+    Raises:
+        UserError: the learner declares no counterpart, or one that is not an `AntiNoiseLearner`
+            extending the learner's own class.
     """
-    if learner.name not in ANTI_NOISE_LEARNERS:
-        raise UserError(f"anti-noise prompts fit {', '.join(ANTI_NOISE_LEARNERS)}, not '{learner.name}'")
-    learner.__class__ = ANTI_NOISE_LEARNERS[learner.name]
+    from . import LEARNERS
+
+    target = learner.capabilities.anti_noise
+    if target is None:
+        raise UserError(f"learner '{learner.name}' lacks the capability 'anti_noise' (no anti-noise counterpart "
+                        "declared in its Capabilities)")
+    counterpart = LEARNERS.get(target)
+    if not (isinstance(counterpart, type) and issubclass(counterpart, AntiNoiseLearner)
+            and issubclass(counterpart, type(learner))):
+        raise UserError(f"learner '{learner.name}' names '{target}' as its anti-noise counterpart, which is not an "
+                        f"AntiNoiseLearner subclass of {type(learner).__name__}")
+    learner.__class__ = counterpart
     learner._add_anti_noise(clusters, anti_tokens, anti_layers)
+    learner.config = parse_options(f"learner '{learner.name}'", counterpart.Options, learner.options)
     return learner
 
 
-def encode_images_with_prototype(learner: DeepPromptLearner, images: torch.Tensor, tokens: str = "all"
+def encode_images_with_prototype(learner: PromptLearner, images: torch.Tensor, tokens: str = "all"
                                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised image features ``[N, D]`` and the NRVPP prototype ``[N, D]``, from one forward.
 

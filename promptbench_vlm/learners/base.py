@@ -9,6 +9,7 @@ learner, its options and the backbone it was built on: never a pickle.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -20,6 +21,7 @@ from torch import nn
 from .. import __version__
 from ..errors import UserError
 from ..files import atomic_path
+from ..options import NoOptions, parse_options
 
 if TYPE_CHECKING:
     from ..backbone import Backbone
@@ -28,16 +30,55 @@ CHECKPOINT_FORMAT = "promptbench_vlm.learner/1"
 METADATA_KEY = "promptbench_vlm"
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a training method may rely on about a learner, declared by the learner (class level,
+    so a sweep can tell which method fits which learner before any model loads).
+
+    Attributes:
+        text_tokens: Names of the parameters that are text-side prompt tokens ``[n, W]``
+            (``"ctx"``), or name prefixes ending in ``.`` (``"text_prompts."``, every tensor of a
+            ParameterList). `encode_texts` reads them and also accepts one copy per text,
+            ``[M, n, W]``, in their place (Promise takes each template's own gradient that way).
+        vision_tokens: The same for image-side prompt tokens ``[n, W_v]`` (IVLP's vision prompts).
+        layer_prompts: Both towers are built from ``text_layer_prompts()`` and
+            ``vision_layer_prompts()`` (lists per layer, as `learners.text.encode` and
+            `learners.vision.encode_image` take them), so extra tokens can join a layer
+            (ANPrompt's anti-noise prompts, its NRVPP prototype).
+        deep: Prompts at the input of deeper layers too (IVLP/MaPLe-style), not only at the input.
+        default_lr: The reference peak learning rate for training this learner with plain
+            cross-entropy (CoOp 0.002, MaPLe/IVLP 0.0035); a method may override it.
+        anti_noise: Registry name of this learner's counterpart with ANPrompt's anti-noise
+            prompts (``"anprompt-ivlp"``), which ANPrompt turns the learner into; None: none.
+    """
+
+    text_tokens: tuple[str, ...] = ()
+    vision_tokens: tuple[str, ...] = ()
+    layer_prompts: bool = False
+    deep: bool = False
+    default_lr: float = 0.002
+    anti_noise: str | None = None
+
+
+def matches(name: str, declared: tuple[str, ...]) -> bool:
+    """Whether parameter `name` is among `declared` names or under a declared ``prefix.``."""
+    return any(name == d or (d.endswith(".") and name.startswith(d)) for d in declared)
+
+
 class PromptLearner(nn.Module):
     """Base class of every learner, built-in or plug-in.
 
-    Subclasses set `name`, implement `encode_images` and `encode_texts`, and register their
-    learned tensors as trainable parameters (or buffers named in `learned_buffers`). The
-    constructor takes the backbone and keyword options; `options` must be JSON-serialisable so a
-    checkpoint can rebuild the learner from the file alone.
+    Subclasses set `name`, declare their options (`Options`, a dataclass of `options.option`
+    fields) and capabilities, implement `encode_images` and `encode_texts`, and register their
+    learned tensors as trainable parameters (or buffers). The constructor takes the backbone and
+    keyword options, checked against `Options` here; the typed result is `config`, and
+    `options` (its dict, plus any value the learner resolves, e.g. a default depth) is what a
+    checkpoint records to rebuild the learner from the file alone.
 
     Attributes:
         name: The registry name (``"coop"``).
+        Options: The declared options (`options.NoOptions`: none).
+        capabilities: What methods may rely on (`Capabilities`).
         conditional: True when text features depend on the image (CoCoOp); the evaluator then
             calls ``encode_texts(texts, image_features=...)`` and gets ``[N, M, D]``.
         image_side_learned: True when image features depend on learned parameters (deep vision
@@ -45,6 +86,8 @@ class PromptLearner(nn.Module):
     """
 
     name: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+    capabilities: ClassVar[Capabilities] = Capabilities()
     conditional: ClassVar[bool] = False
     image_side_learned: ClassVar[bool] = False
 
@@ -54,7 +97,8 @@ class PromptLearner(nn.Module):
         self.clip = backbone.model
         for p in self.clip.parameters():
             p.requires_grad_(False)
-        self.options: dict[str, Any] = dict(options)
+        self.config = parse_options(f"learner '{self.name}'", type(self).Options, options)
+        self.options: dict[str, Any] = asdict(self.config)
 
     def train(self, mode: bool = True) -> PromptLearner:
         """Switch the learner's own modules; the frozen backbone always stays in eval mode
@@ -88,6 +132,14 @@ class PromptLearner(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.clip.logit_scale.device
+
+    def token_parameters(self, side: str = "both") -> dict[str, nn.Parameter]:
+        """The trainable prompt-token tensors the learner declares, by name: ``"text"``,
+        ``"vision"`` or ``"both"`` sides (see `Capabilities`)."""
+        caps = self.capabilities
+        declared = {"text": caps.text_tokens, "vision": caps.vision_tokens,
+                    "both": caps.text_tokens + caps.vision_tokens}[side]
+        return {n: p for n, p in self.named_parameters() if p.requires_grad and matches(n, declared)}
 
     # --- checkpoints --------------------------------------------------------------------
     def learned_state(self) -> dict[str, torch.Tensor]:

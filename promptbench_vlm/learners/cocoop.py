@@ -9,6 +9,7 @@ and `encode_texts` needs the image features, returning ``[N, M, D]``.
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +17,8 @@ from torch import nn
 
 from ..backbone import Backbone
 from . import text
-from .coop import DEFAULT_CTX_INIT, CoOpLearner
+from .base import Capabilities
+from .coop import ContextOptions, CoOpLearner
 
 
 class CoCoOpLearner(CoOpLearner):
@@ -30,9 +32,11 @@ class CoCoOpLearner(CoOpLearner):
 
     name = "cocoop"
     conditional = True
+    Options = ContextOptions
+    capabilities = Capabilities(text_tokens=("ctx",))
 
-    def __init__(self, backbone: Backbone, n_ctx: int = 4, ctx_init: str | None = DEFAULT_CTX_INIT):
-        super().__init__(backbone, n_ctx=n_ctx, ctx_init=ctx_init)
+    def __init__(self, backbone: Backbone, **options: Any):
+        super().__init__(backbone, **options)
         dim = text.text_feature_dim(self.clip)
         hidden = max(1, dim // 16)
         self.meta_net = nn.Sequential(
@@ -42,6 +46,10 @@ class CoCoOpLearner(CoOpLearner):
                 linear2=nn.Linear(hidden, self.ctx.shape[1]),
             )
         )
+
+    def layout(self) -> tuple[bool, str, None]:
+        """CoCoOp has the shared context only (the reference has no class-aware layouts)."""
+        return False, "end", None
 
     def encode_texts(self, texts: list[str], image_features: torch.Tensor | None = None) -> torch.Tensor:
         """Return ``[N, M, D]`` L2-normalised features: the M prompts as conditioned on each image.

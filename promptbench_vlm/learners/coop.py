@@ -10,19 +10,41 @@ which class each text names.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..backbone import Backbone
 from ..errors import UserError
-from ..names import unknown_name_error
+from ..options import option
 from . import text
-from .base import PromptLearner
+from .base import Capabilities, PromptLearner
 from .checks import check_count, check_text_tower
 
 DEFAULT_CTX_INIT = "a photo of a"
-CLASS_TOKEN_POSITIONS = ("end", "middle", "front")
+
+
+@dataclass(frozen=True)
+class ContextOptions:
+    """The context options of `coop` and `cocoop`."""
+
+    n_ctx: int = option(4, "Number of learned context vectors.")
+    ctx_init: str | None = option(DEFAULT_CTX_INIT, "Text whose first n_ctx token embeddings initialise the context "
+                                  "(the rest stay fixed tokens after it); shorter, empty or none: N(0, 0.02).")
+
+
+@dataclass(frozen=True)
+class CoOpOptions(ContextOptions):
+    """Options of `coop`: the context's and the reference's class-aware layouts."""
+
+    csc: bool = option(False, "Class-specific context: one context per class.")
+    class_token_position: Literal["end", "middle", "front"] = option("end", "Where the class name stands relative to "
+                                                                     "the context.")
+    classnames: list[str] | None = option(None, "The classes, needed by csc and by a position other than end "
+                                          "(training fills them from the dataset).")
 
 
 def initial_context(learner: PromptLearner, n_ctx: int, ctx_init: str | None) -> tuple[nn.Parameter, tuple[int, ...]]:
@@ -36,30 +58,20 @@ def initial_context(learner: PromptLearner, n_ctx: int, ctx_init: str | None) ->
 
 
 class CoOpLearner(PromptLearner):
-    """Learned context ``[SOS] ctx_1..ctx_n <text> [EOS]`` on a frozen backbone.
-
-    Args:
-        backbone: A CLIP with open_clip's text transformer.
-        n_ctx: Number of context vectors (reference default 4).
-        ctx_init: Text whose token embeddings initialise the context when it has at least n_ctx
-            tokens (its first n_ctx; the rest stay fixed tokens after the context); otherwise, or
-            when empty/None, N(0, 0.02).
-        csc: Class-specific context: ``ctx`` is ``[C, n_ctx, W]``, one context per class.
-        class_token_position: ``end``, ``middle`` or ``front`` (see `text.prepare_classes`).
-        classnames: The C classes; needed by ``csc`` and by a position other than ``end``.
-    """
+    """Learned context ``[SOS] ctx_1..ctx_n <text> [EOS]`` on a frozen backbone; options in
+    `CoOpOptions` (reference default n_ctx 4; ``csc`` makes ``ctx`` ``[C, n_ctx, W]``, one context
+    per class; see `text.prepare_classes` for the class positions)."""
 
     name = "coop"
+    Options = CoOpOptions
+    capabilities = Capabilities(text_tokens=("ctx",))
 
-    def __init__(self, backbone: Backbone, n_ctx: int = 4, ctx_init: str | None = DEFAULT_CTX_INIT,
-                 csc: bool = False, class_token_position: str = "end", classnames: list[str] | None = None):
-        extra = {} if (csc, class_token_position, classnames) == (False, "end", None) else {
-            "csc": csc, "class_token_position": class_token_position, "classnames": classnames}
-        super().__init__(backbone, n_ctx=n_ctx, ctx_init=ctx_init, **extra)
+    def __init__(self, backbone: Backbone, **options: Any):
+        super().__init__(backbone, **options)
+        n_ctx, ctx_init = self.config.n_ctx, self.config.ctx_init
+        csc, class_token_position, classnames = self.layout()
         check_count(self.name, "n_ctx", n_ctx, low=1)
         check_text_tower(self.name, backbone, n_ctx)
-        if class_token_position not in CLASS_TOKEN_POSITIONS:
-            raise unknown_name_error("class_token_position", class_token_position, list(CLASS_TOKEN_POSITIONS))
         if (csc or class_token_position != "end") and not classnames:
             raise UserError(f"learner '{self.name}': csc and class_token_position={class_token_position} need the "
                             "class names (option classnames; training fills them from the dataset)")
@@ -69,6 +81,10 @@ class CoOpLearner(PromptLearner):
         self.ctx, self.fixed = initial_context(self, n_ctx, ctx_init)
         if self.csc:
             self.ctx = nn.Parameter(self.ctx.detach().expand(len(self.classnames), -1, -1).clone())
+
+    def layout(self) -> tuple[bool, str, list[str] | None]:
+        """The class-aware layout asked for: csc, class_token_position and classnames."""
+        return self.config.csc, self.config.class_token_position, self.config.classnames
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.clip.encode_image(images), dim=-1)

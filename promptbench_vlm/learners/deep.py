@@ -9,6 +9,8 @@ n_ctx 0) leaves a tower exactly as the backbone computes it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,11 +18,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbone import Backbone
+from ..options import option
 from . import text
 from .base import PromptLearner
-from .checks import check_count, check_depth, check_text_tower, check_vision_tower
-from .coop import initial_context
+from .checks import check_count, check_depth, check_text_tower, check_vision_tower, default_depth
+from .coop import DEFAULT_CTX_INIT, initial_context
 from .vision import encode_image
+
+DEEP_LR = 0.0035
+"""The reference peak rate of MaPLe and IVLP (0.002 for CoOp-style learners)."""
+
+
+@dataclass(frozen=True)
+class DeepOptions:
+    """Options of the deep-prompt learners (MaPLe's; IVLP adds the vision ones)."""
+
+    n_ctx: int = option(2, "Prompt tokens per layer.")
+    ctx_init: str | None = option(DEFAULT_CTX_INIT, "Init text of the layer-0 text prompts for n_ctx <= 4 (its tokens "
+                                  "after the first n_ctx stay fixed text); deeper layers, n_ctx > 4 and empty/none "
+                                  "draw N(0, 0.02).")
+    depth: int | None = option(None, "Prompt depth: layers from layer 0 whose input has prompts; none: 9, capped "
+                               "at the tower's layers; 0 leaves the backbone plain.")
 
 
 MAX_INIT_CTX = 4
@@ -35,22 +53,22 @@ def random_prompts(n: int, width: int) -> nn.Parameter:
 class DeepPromptLearner(PromptLearner):
     """Deep text prompts plus vision prompts that subclasses define.
 
-    Args:
-        backbone: A CLIP with open_clip's text transformer and VisionTransformer image tower.
-        n_ctx: Text prompt tokens per layer.
-        ctx_init: Init text of the layer-0 context for n_ctx <= 4 (see `coop`: its tokens after the
-            first n_ctx stay fixed text); deeper layers, and n_ctx > 4, draw N(0, 0.02).
-        depth: Text prompt depth: the number of layers, from layer 0, whose input has prompts.
-        **options: The subclass's further options, recorded in checkpoints.
+    Options (`DeepOptions` and a subclass's own): n_ctx text prompt tokens per layer; ctx_init,
+    the init text of the layer-0 context for n_ctx <= 4 (see `coop`; deeper layers draw N(0, 0.02)); depth, the
+    text prompt depth (the number of layers, from layer 0, whose input has prompts), resolved by
+    `depth_towers` when not given and recorded resolved.
 
     Attributes:
         text_prompts: ``text_prompts[i]`` ``[n_ctx, W]`` are the layer-i text prompts (i < depth).
     """
 
     image_side_learned = True
+    Options = DeepOptions
 
-    def __init__(self, backbone: Backbone, n_ctx: int, ctx_init: str | None, depth: int, **options: Any):
-        super().__init__(backbone, n_ctx=n_ctx, ctx_init=ctx_init, depth=depth, **options)
+    def __init__(self, backbone: Backbone, **options: Any):
+        super().__init__(backbone, **options)
+        n_ctx, ctx_init = self.config.n_ctx, self.config.ctx_init
+        depth = self.options["depth"] = default_depth(self.config.depth, *self.depth_towers())
         check_count(self.name, "n_ctx", n_ctx)
         check_text_tower(self.name, backbone, n_ctx)
         check_vision_tower(self.name, backbone)
@@ -62,6 +80,10 @@ class DeepPromptLearner(PromptLearner):
         layers = [first] + [random_prompts(n_ctx, width) for _ in range(depth - 1)]
         self.text_prompts = nn.ParameterList(layers if self.n_ctx else [])
         self.fixed = self.fixed if self.n_ctx else ()  # no context, no init phrase: the plain text
+
+    def depth_towers(self) -> Sequence[Any]:
+        """The transformers whose layer count caps the default depth (the text one)."""
+        return [getattr(self.clip, "transformer", None)]
 
     @property
     def vision_width(self) -> int:

@@ -7,13 +7,25 @@ Reference defaults: depth 9 on both towers, 2 + 2 tokens (PromptSRC uses 4 + 4).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 from torch import nn
 
 from ..backbone import Backbone
+from ..options import option
+from .base import Capabilities
 from .checks import check_count, check_depth, default_depth
-from .coop import DEFAULT_CTX_INIT
-from .deep import DeepPromptLearner, random_prompts
+from .deep import DEEP_LR, DeepOptions, DeepPromptLearner, random_prompts
+
+
+@dataclass(frozen=True)
+class IVLPOptions(DeepOptions):
+    """Options of `ivlp`: the deep text prompts' and the free vision prompts'."""
+
+    n_ctx_v: int = option(2, "Vision prompt tokens per layer; 0 leaves the image tower plain.")
+    depth_v: int | None = option(None, "Vision prompt depth; none: 9, capped at the image tower's layers.")
 
 
 class IVLPLearner(DeepPromptLearner):
@@ -32,20 +44,14 @@ class IVLPLearner(DeepPromptLearner):
     """
 
     name = "ivlp"
+    Options = IVLPOptions
+    capabilities = Capabilities(text_tokens=("text_prompts.",), vision_tokens=("vision_prompts.",),
+                                layer_prompts=True, deep=True, default_lr=DEEP_LR, anti_noise="anprompt-ivlp")
 
-    def __init__(
-        self,
-        backbone: Backbone,
-        n_ctx: int = 2,
-        ctx_init: str | None = DEFAULT_CTX_INIT,
-        depth: int | None = None,
-        n_ctx_v: int = 2,
-        depth_v: int | None = None,
-    ):
-        clip = backbone.model
-        depth = default_depth(depth, getattr(clip, "transformer", None))
-        depth_v = default_depth(depth_v, getattr(getattr(clip, "visual", None), "transformer", None))
-        super().__init__(backbone, n_ctx, ctx_init, depth, n_ctx_v=n_ctx_v, depth_v=depth_v)
+    def __init__(self, backbone: Backbone, **options: Any):
+        super().__init__(backbone, **options)
+        n_ctx_v = self.config.n_ctx_v
+        depth_v = self.options["depth_v"] = default_depth(self.config.depth_v, self.clip.visual.transformer)
         check_count(self.name, "n_ctx_v", n_ctx_v)
         check_depth(self.name, "depth_v", depth_v, self.vision_layers, "image", n_ctx_v)
         count = depth_v if n_ctx_v else 0

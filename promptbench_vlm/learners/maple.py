@@ -9,14 +9,16 @@ draw, as in the reference. Reference defaults: depth 9, n_ctx 2.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..backbone import Backbone
-from .checks import check_depth, default_depth
-from .coop import DEFAULT_CTX_INIT
-from .deep import DeepPromptLearner
+from .base import Capabilities
+from .checks import check_depth
+from .deep import DEEP_LR, DeepPromptLearner
 
 
 class MaPLeLearner(DeepPromptLearner):
@@ -34,20 +36,22 @@ class MaPLeLearner(DeepPromptLearner):
     """
 
     name = "maple"
+    capabilities = Capabilities(text_tokens=("text_prompts.",), layer_prompts=True, deep=True, default_lr=DEEP_LR,
+                                anti_noise="anprompt-maple")
 
-    def __init__(self, backbone: Backbone, n_ctx: int = 2, ctx_init: str | None = DEFAULT_CTX_INIT,
-                 depth: int | None = None):
-        clip = backbone.model
-        depth = default_depth(depth, getattr(clip, "transformer", None),
-                              getattr(getattr(clip, "visual", None), "transformer", None))
-        super().__init__(backbone, n_ctx, ctx_init, depth)
-        check_depth(self.name, "depth", depth, self.vision_layers, "image", n_ctx)
+    def __init__(self, backbone: Backbone, **options: Any):
+        super().__init__(backbone, **options)
+        check_depth(self.name, "depth", self.options["depth"], self.vision_layers, "image", self.config.n_ctx)
         width = self.clip.transformer.width
         # As the reference: the layer-0 projection is drawn on its own, the deeper ones are copies
         # of one draw, so every deep layer starts from the same map.
         deep = nn.Linear(width, self.vision_width)
         self.vision_proj = nn.ModuleList([nn.Linear(width, self.vision_width), *(
             copy.deepcopy(deep) for _ in self.text_prompts[1:])][: len(self.text_prompts)])
+
+    def depth_towers(self) -> Sequence[Any]:
+        """Both towers: MaPLe's one depth applies to each."""
+        return [*super().depth_towers(), getattr(getattr(self.clip, "visual", None), "transformer", None)]
 
     def vision_layer_prompts(self) -> list[torch.Tensor]:
         return [proj(prompts) for proj, prompts in zip(self.vision_proj, self.text_prompts)]

@@ -24,7 +24,7 @@ class ZeroShotLearner(PromptLearner):
     name = "zeroshot"
 
     def __init__(self, backbone: Any, **options: Any):
-        super().__init__(backbone, **options)
+        super().__init__(backbone, **options)  # declares no options: any given is refused
         try:
             check_text_tower(self.name, backbone, n_ctx=0)
             self.short_text_forward = self.clip.attn_mask is not None

@@ -11,6 +11,7 @@ clean and weakly perturbed predictions; and PromptSRC-style similarity losses to
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,12 +20,39 @@ import torch.nn.functional as F
 from scipy.cluster.vq import kmeans2
 
 from ..errors import UserError
-from ..learners.anprompt import NRVPP_TOKENS, AntiNoiseLearner, add_anti_noise, encode_images_with_prototype
+from ..learners.anprompt import AntiNoiseLearner, NrvppTokens, add_anti_noise, encode_images_with_prototype
 from ..learners.base import PromptLearner
+from ..options import option
 from ..perturb import LEVELS, OPS, fill_template, perturb
-from .promptsrc import PromptSRC
+from .promptsrc import PromptSRC, PromptSRCOptions
 
 ANTI_NOISE_DEFAULTS = {"clusters": 4, "anti_tokens": 2, "anti_layers": 2}
+
+
+@dataclass(frozen=True)
+class ANPromptOptions(PromptSRCOptions):
+    """Options of `anprompt` (PromptSRC's, with ANPrompt's own weights and defaults)."""
+
+    text_weight: float = option(1.0, "Weight of 1 - cos to the frozen text target.")
+    image_weight: float = option(1.0, "Weight of 1 - cos to the frozen image feature.")
+    kl_weight: float = option(0.0, "Weight of KL(zero-shot || prompted).")
+    gpa: bool = option(False, "Gaussian prompt aggregation of the per-epoch prompts (PromptSRC's).")
+    noise_prompts: bool = option(True, "Anti-noise prompts; off: the learner stays plain.")
+    clusters: int | None = option(None, "K noise prompts; none: 4 (or the learner's own).")
+    anti_tokens: int | None = option(None, "Learnable tokens per anti-noise layer; none: 2 (or the learner's).")
+    anti_layers: int | None = option(None, "Last layers with anti-noise prompts; none: 2 (or the learner's).")
+    noise_template: str = option("a photo of a {}.", "Main sentence of the frozen noise features.")
+    noise_ops: str = option("context,synonym", "Perturbation ops applied in turn, comma-separated.")
+    noise_rate: float = option(LEVELS["weak"], "Rate of the noise ops.")
+    noise_draws: int = option(4, "Perturbed sentences per class.")
+    fuse_weight: float = option(0.5, "lambda_f in normalise(f(main) + lambda_f * f(noise)).")
+    cluster_seed: int | None = option(None, "k-means seed; none: the run's torch seed.")
+    nrvpp: bool = option(True, "The NRVPP visual-prototype logit head.")
+    nrvpp_weight: float = option(0.5, "Weight w_p of the prototype head's loss.")
+    nrvpp_tokens: NrvppTokens = option("all", "Output prompt tokens the prototype averages.")
+    waloss: bool = option(True, "The weak alignment loss between clean and noisy predictions.")
+    waloss_weight: float = option(1.0, "Weight w_wa of WALoss.")
+    waloss_detach_std: bool = option(True, "Hold WALoss's logit std constant.")
 
 
 def weak_noise(text: str, classname: str, ops: tuple[str, ...], rate: float, seed: int) -> str:
@@ -94,73 +122,48 @@ def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class ANPrompt(PromptSRC):
-    """ANPrompt's losses on an ivlp/maple learner, which it gives anti-noise prompts.
+    """ANPrompt's losses (options in `ANPromptOptions`) on a learner built from per-layer prompts
+    (IVLP, MaPLe, or a plug-in with the `layer_prompts` capability), which it gives anti-noise
+    prompts.
 
-    A plain ivlp/maple learner becomes ``anprompt-ivlp``/``anprompt-maple`` (in place, see
-    `learners.anprompt.add_anti_noise`); an anprompt learner (``--init``) keeps its own settings.
-
-    Options (beyond PromptSRC's `template`, `frozen_templates`, `kl_weight`, `gpa*`):
-        noise_prompts: Anti-noise prompts on/off (off: the learner stays plain).
-        clusters, anti_tokens, anti_layers: K, learnable tokens per layer, layers (4, 2, 2).
-        noise_template: Main sentence of the frozen noise features.
-        noise_ops, noise_rate, noise_draws: Ops applied in turn (comma-separated), their rate,
-            and perturbed sentences per class.
-        fuse_weight: λ_f in normalise(f(main) + λ_f · f(noise)).
-        cluster_seed: k-means seed; None uses the run's torch seed.
-        nrvpp, nrvpp_weight, nrvpp_tokens: The prototype head, w_p, and which output prompt
-            tokens it averages (all, deep, anti).
-        waloss, waloss_weight, waloss_detach_std: WALoss, w_wa, and whether its std is a constant.
-        text_weight, image_weight: Weights of 1 − cos to the frozen text target and image feature.
+    A plain learner becomes the anti-noise counterpart its capabilities name (``ivlp`` becomes
+    ``anprompt-ivlp``, in place, see `learners.anprompt.add_anti_noise`); an anprompt learner
+    (``--init``) keeps its own settings.
     """
 
     name = "anprompt"
-    learners = ("ivlp", "maple", "anprompt-ivlp", "anprompt-maple")
+    Options = ANPromptOptions
+    requires = ("layer_prompts",)
+    lr = 0.0035  # MaPLe/IVLP's reference rate, for every learner this method fits
 
-    def __init__(self, learner: PromptLearner, classnames: list[str], template: str = "{}.",
-                 noise_prompts: bool = True, clusters: int | None = None, anti_tokens: int | None = None,
-                 anti_layers: int | None = None, noise_template: str = "a photo of a {}.",
-                 noise_ops: str | list[str] = "context,synonym", noise_rate: float = LEVELS["weak"],
-                 noise_draws: int = 4, fuse_weight: float = 0.5, cluster_seed: int | None = None,
-                 nrvpp: bool = True, nrvpp_weight: float = 0.5, nrvpp_tokens: str = "all",
-                 waloss: bool = True, waloss_weight: float = 1.0, waloss_detach_std: bool = True,
-                 text_weight: float = 1.0, image_weight: float = 1.0, kl_weight: float = 0.0, gpa: bool = False,
-                 gpa_mean: float | None = None, gpa_std: float | None = None, frozen_templates: str = "promptsrc60",
-                 **options: Any):
-        ops = tuple(o.strip() for o in noise_ops.split(",")) if isinstance(noise_ops, str) else tuple(noise_ops)
+    def __init__(self, learner: PromptLearner, classnames: list[str], **options: Any):
+        super().__init__(learner, classnames, **options)
+        c = self.config
+        noise_prompts, noise_template, noise_rate, noise_draws = (c.noise_prompts, c.noise_template, c.noise_rate,
+                                                                  c.noise_draws)
+        ops = tuple(o.strip() for o in c.noise_ops.split(","))
         if not ops or any(op not in OPS for op in ops):
-            raise UserError(f"anprompt: noise_ops must name ops among {', '.join(OPS)}, got {noise_ops!r}")
-        if nrvpp_tokens not in NRVPP_TOKENS:
-            raise UserError(f"anprompt: nrvpp_tokens must be one of {', '.join(NRVPP_TOKENS)}, got {nrvpp_tokens!r}")
+            raise UserError(f"anprompt: noise_ops must name ops among {', '.join(OPS)}, got {c.noise_ops!r}")
         if noise_draws < 1:
             raise UserError(f"anprompt: noise_draws must be at least 1, got {noise_draws}")
-        super().__init__(
-            learner, classnames, template=template, text_weight=text_weight, image_weight=image_weight,
-            kl_weight=kl_weight, gpa=gpa, gpa_mean=gpa_mean, gpa_std=gpa_std, frozen_templates=frozen_templates,
-            noise_prompts=noise_prompts, noise_template=noise_template, noise_ops=",".join(ops), noise_rate=noise_rate,
-            noise_draws=noise_draws, fuse_weight=fuse_weight, nrvpp=nrvpp, nrvpp_weight=nrvpp_weight,
-            nrvpp_tokens=nrvpp_tokens, waloss=waloss, waloss_weight=waloss_weight,
-            waloss_detach_std=waloss_detach_std, **options)
-        self.weights.update(nrvpp=nrvpp_weight, waloss=waloss_weight)
+        self.options["noise_ops"] = ",".join(ops)
+        nrvpp, nrvpp_tokens, waloss, waloss_detach_std = c.nrvpp, c.nrvpp_tokens, c.waloss, c.waloss_detach_std
+        self.weights.update(nrvpp=c.nrvpp_weight, waloss=c.waloss_weight)
         self.nrvpp, self.nrvpp_tokens = nrvpp, nrvpp_tokens
         self.waloss, self.waloss_detach_std = waloss, waloss_detach_std
-        settings = self._anti_noise_settings(noise_prompts, clusters=clusters, anti_tokens=anti_tokens,
-                                             anti_layers=anti_layers)
+        settings = self._anti_noise_settings(noise_prompts, clusters=c.clusters, anti_tokens=c.anti_tokens,
+                                             anti_layers=c.anti_layers)
         self.options.update(settings)
         if noise_prompts:
-            seed = torch.initial_seed() if cluster_seed is None else cluster_seed
+            seed = torch.initial_seed() if c.cluster_seed is None else c.cluster_seed
             self.options["cluster_seed"] = seed
             main, noisy = noise_sentences(noise_template, self.classnames, ops, noise_rate, noise_draws)
-            features = fused_noise_features(self.learner, main, noisy, fuse_weight)
+            features = fused_noise_features(self.learner, main, noisy, c.fuse_weight)
             self.learner.anti_noise.noise.copy_(cluster_noise(features, settings["clusters"], seed))
-        self.noisy_texts = noise_sentences(template, self.classnames, ops, noise_rate, noise_draws)[1]
+        self.noisy_texts = noise_sentences(c.template, self.classnames, ops, noise_rate, noise_draws)[1]
         self._draws = 0
         if nrvpp:
             self._check_prototype_tokens()
-
-    @classmethod
-    def default_lr(cls, learner_name: str) -> float:
-        """MaPLe/IVLP's reference rate, 0.0035, for every learner this method fits."""
-        return 0.0035
 
     def _anti_noise_settings(self, noise_prompts: bool, **given: int | None) -> dict[str, Any]:
         """Give a plain learner its anti-noise prompts (or not); return the settings in force."""
@@ -176,6 +179,10 @@ class ANPrompt(PromptSRC):
             return {k: learner.options[k] for k in ANTI_NOISE_DEFAULTS}
         if not noise_prompts:
             return {k: None for k in ANTI_NOISE_DEFAULTS}
+        if learner.capabilities.anti_noise is None:
+            raise UserError(f"method 'anprompt' cannot give learner '{learner.name}' anti-noise prompts: it lacks the "
+                            "capability 'anti_noise' (Capabilities.anti_noise names no counterpart); pass "
+                            "--method-opt noise_prompts=false")
         settings = {k: ANTI_NOISE_DEFAULTS[k] if given[k] is None else given[k] for k in ANTI_NOISE_DEFAULTS}
         add_anti_noise(learner, **settings)
         return settings

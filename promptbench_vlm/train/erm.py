@@ -3,6 +3,7 @@ the multi-template control: the same cross-entropy averaged over wordings drawn 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -10,31 +11,30 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from ..learners.base import PromptLearner
+from ..options import option
 from ..perturb import fill_template
 from ..templates import load_templates
 from .method import TrainingMethod
 
-DEEP_LEARNERS = ("ivlp", "maple", "anprompt-ivlp", "anprompt-maple")
+
+@dataclass(frozen=True)
+class ERMOptions:
+    """Options of `erm` (and the methods built on it)."""
+
+    template: str = option("{}.", "The training template ({} = class name).")
 
 
 class ERM(TrainingMethod):
     """Cross-entropy of the learner's logits with one template (default ``{}.``: the learned
-    context, initialised from "a photo of a", stands in for the hand-written words).
-
-    Options:
-        template: The training template.
-    """
+    context, initialised from "a photo of a", stands in for the hand-written words). Any learner
+    with trainable parameters; the default rate is the learner's reference one."""
 
     name = "erm"
+    Options = ERMOptions
 
-    def __init__(self, learner: PromptLearner, classnames: list[str], template: str = "{}.", **options: Any):
-        super().__init__(learner, classnames, template=template, **options)
-        self.texts = [fill_template(template, c)[0] for c in classnames]
-
-    @classmethod
-    def default_lr(cls, learner_name: str) -> float:
-        """The reference code's rate: 0.0035 for MaPLe/IVLP, 0.002 for CoOp-style learners."""
-        return 0.0035 if learner_name in DEEP_LEARNERS else 0.002
+    def __init__(self, learner: PromptLearner, classnames: list[str], **options: Any):
+        super().__init__(learner, classnames, **options)
+        self.texts = [fill_template(self.config.template, c)[0] for c in classnames]
 
     def logits(self, image_feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits ``[B, C]`` of the training template, and the class text features used."""
@@ -50,6 +50,14 @@ class ERM(TrainingMethod):
         return loss, {"acc": (logits.argmax(1) == labels).float().mean().item() * 100}
 
 
+@dataclass(frozen=True)
+class MultiTemplateOptions(ERMOptions):
+    """Options of `erm-multi`."""
+
+    templates: str = option("promptsrc60", "Template set the wordings are drawn from.")
+    templates_per_step: int = option(10, "Wordings per step; 0 = every template of the set each step.")
+
+
 class MultiTemplateERM(ERM):
     """ERM on many wordings: each step draws `templates_per_step` templates of the set without
     replacement and averages the cross-entropy over them (one batched text forward).
@@ -59,19 +67,16 @@ class MultiTemplateERM(ERM):
     per-token rates, so what a method adds beyond it is its own (docs/methods.md). Drawing a
     subset per step rather than averaging all of them keeps a step's cost near Promise's P_in
     pass; the draw uses the torch generator the shared loop seeds and checkpoints, so runs
-    repeat and resume exactly.
-
-    Options:
-        templates: Template set the wordings are drawn from (60 PromptSRC templates).
-        templates_per_step: Wordings per step (10; 0 = every template of the set each step).
+    repeat and resume exactly. Options in `MultiTemplateOptions`.
     """
 
     name = "erm-multi"
+    Options = MultiTemplateOptions
     template_options = ("templates",)
 
-    def __init__(self, learner: PromptLearner, classnames: list[str], templates: str = "promptsrc60",
-                 templates_per_step: int = 10, **options: Any):
-        super().__init__(learner, classnames, templates=templates, templates_per_step=templates_per_step, **options)
+    def __init__(self, learner: PromptLearner, classnames: list[str], **options: Any):
+        super().__init__(learner, classnames, **options)
+        templates, templates_per_step = self.config.templates, self.config.templates_per_step
         pool = load_templates(templates).templates
         if not 0 <= templates_per_step <= len(pool):
             raise UserError(f"erm-multi: templates_per_step must be between 0 and the {len(pool)} templates of "

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,7 @@ from ..data.base import CorruptImageError, ImageDataset
 from ..errors import UserError
 from ..evaluate import ImageItems, encode_images
 from ..learners.base import PromptLearner
+from ..options import option
 from ..perturb import fill_template
 from .loop import ProgressFn, TrainConfig, TrainingDiverged, TrainOutcome
 from .maml_tasks import draw_batches, images_by_class, partition_classes, split_task
@@ -37,7 +38,24 @@ from .method import TrainingMethod
 
 Params = dict[str, torch.Tensor]
 Batch = tuple[torch.Tensor, torch.Tensor]
-OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclass(frozen=True)
+class MAMLClipOptions:
+    """Options of `maml-clip` (see `MAMLClip`)."""
+
+    inner_lr: float | None = option(None, "Inner rate alpha; none: 0.025/6, or 0.02/6 for deep-prompt learners.")
+    inner_steps: int = option(4, "Inner updates per task.")
+    inner_batch: int = option(32, "Support images per inner step; 0 = the whole support set.")
+    query_batch: int | None = option(None, "Query images in the outer loss; none: as inner_batch; 0 = the whole set.")
+    support_shots: int = option(5, "K, support shots per class; the query takes the class's other few-shot images.")
+    task_classes: int | None = option(None, "Classes per task; none: 5 with one --dataset, 0 (a whole dataset) with "
+                                      "several; 0 = every class of a source.")
+    meta_batch: int = option(1, "Tasks whose query losses are summed into one outer gradient.")
+    clip_norm: float = option(5.0, "gamma of the outer-gradient clipping.")
+    first_order: bool = option(False, "Drop the second-order term (FOMAML).")
+    optimizer: Literal["adam", "sgd"] = option("adam", "The outer optimiser: adam (the paper) or plain sgd.")
+    template: str = option("{}.", "The training template ({} = class name).")
 
 
 @dataclass
@@ -52,9 +70,10 @@ class Episode:
     query: Batch
 
 
-def default_inner_lr(learner_name: str) -> float:
-    """The paper's inner rate α: 0.025/6, or 0.02/6 for PromptSRC-style deep prompts (ivlp)."""
-    return 0.02 / 6 if learner_name == "ivlp" else 0.025 / 6
+def default_inner_lr(learner: PromptLearner) -> float:
+    """The paper's inner rate α: 0.025/6, or 0.02/6 for PromptSRC-style deep prompts (a learner
+    with the `deep` capability, as IVLP)."""
+    return 0.02 / 6 if learner.capabilities.deep else 0.025 / 6
 
 
 def clip_gradient(grads: Params, gamma: float) -> tuple[Params, float]:
@@ -114,42 +133,25 @@ def _readable(dataset: ImageDataset, index: int) -> bool:
 
 
 class MAMLClip(TrainingMethod):
-    """Meta-prompt learning: second-order MAML over class-subset (or dataset) tasks, clipped outer gradient.
-
-    Options:
-        inner_lr: α; None: 0.025/6 (0.02/6 for ivlp).
-        inner_steps: Inner updates per task (4).
-        inner_batch: Support images per inner step (32; 0 = the whole support set).
-        query_batch: Query images in the outer loss (None: as inner_batch; 0 = the whole query set).
-        support_shots: K, support shots per class (5); the query takes the class's other N − K
-            few-shot images (N = ``--shots``).
-        task_classes: Classes per task; None: 5 with one ``--dataset``, 0 (a whole dataset is one
-            task) with several; 0 = every class of a source.
-        meta_batch: Tasks whose query losses are summed into one outer gradient (1).
-        clip_norm: γ of the clipping (5).
-        first_order: Drop the second-order term (FOMAML).
-        optimizer: "adam" (the paper) or "sgd" (plain p ← p − β G, to see the clipped step itself).
-        template: The training template (default ``{}.``: the learned context is the prompt).
-    """
+    """Meta-prompt learning: second-order MAML over class-subset (or dataset) tasks, clipped outer
+    gradient, on any learner with trainable parameters; options in `MAMLClipOptions` (the query
+    of a task takes its classes' N − K few-shot images beside the K support shots, N = ``--shots``;
+    optimizer "sgd" is plain p ← p − β G, to see the clipped step itself)."""
 
     name = "maml-clip"
-    learners = ("coop", "cocoop", "ivlp")
+    Options = MAMLClipOptions
     lr = 0.001
 
-    def __init__(self, learner: PromptLearner, classnames: list[str], inner_lr: float | None = None,
-                 inner_steps: int = 4, inner_batch: int = 32, query_batch: int | None = None, support_shots: int = 5,
-                 task_classes: int | None = None, meta_batch: int = 1, clip_norm: float = 5.0,
-                 first_order: bool = False, optimizer: str = "adam", template: str = "{}."):
-        inner_lr = default_inner_lr(learner.name) if inner_lr is None else float(inner_lr)
-        query_batch = inner_batch if query_batch is None else query_batch
-        super().__init__(learner, classnames, inner_lr=inner_lr, inner_steps=inner_steps, inner_batch=inner_batch,
-                         query_batch=query_batch, support_shots=support_shots, task_classes=task_classes,
-                         meta_batch=meta_batch, clip_norm=clip_norm, first_order=bool(first_order),
-                         optimizer=optimizer, template=template)
-        _check_options(inner_lr, inner_steps, inner_batch, query_batch, support_shots, task_classes, meta_batch,
-                       clip_norm, optimizer)
-        self.inner_lr, self.inner_steps, self.clip_norm = inner_lr, inner_steps, float(clip_norm)
-        self.first_order, self.template = bool(first_order), template
+    def __init__(self, learner: PromptLearner, classnames: list[str], **options: Any):
+        super().__init__(learner, classnames, **options)
+        c = self.config
+        inner_lr = default_inner_lr(learner) if c.inner_lr is None else c.inner_lr
+        query_batch = c.inner_batch if c.query_batch is None else c.query_batch
+        self.options.update(inner_lr=inner_lr, query_batch=query_batch)  # recorded resolved
+        _check_options(inner_lr, c.inner_steps, c.inner_batch, query_batch, c.support_shots, c.task_classes,
+                       c.meta_batch, c.clip_norm)
+        self.inner_lr, self.inner_steps, self.clip_norm = inner_lr, c.inner_steps, c.clip_norm
+        self.first_order, self.template = c.first_order, c.template
 
     # --- the learner at other parameter values -------------------------------------------
     def learned(self) -> Params:
@@ -294,7 +296,7 @@ class MAMLClip(TrainingMethod):
 
 
 def _check_options(inner_lr: float, inner_steps: int, inner_batch: int, query_batch: int, support_shots: int,
-                   task_classes: int | None, meta_batch: int, clip_norm: float, optimizer: str) -> None:
+                   task_classes: int | None, meta_batch: int, clip_norm: float) -> None:
     """Refuse settings that cannot train, with the option named."""
     problems = [
         (inner_lr < 0, f"inner_lr must be >= 0, not {inner_lr}"),
@@ -305,7 +307,6 @@ def _check_options(inner_lr: float, inner_steps: int, inner_batch: int, query_ba
          f"task_classes must be 0 (whole source) or >= 2, not {task_classes}"),
         (meta_batch < 1, f"meta_batch must be >= 1, not {meta_batch}"),
         (not clip_norm > 0, f"clip_norm must be > 0, not {clip_norm}"),
-        (optimizer not in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, not '{optimizer}'"),
     ]
     for bad, message in problems:
         if bad:

@@ -1,13 +1,16 @@
 """What a training method is: a small object that defines one training step's loss.
 
 The loop, data, optimiser, checkpoints, logging and evaluation are shared (`train.loop`); a
-method only says how to turn a batch into a loss (plus its diagnostics), which learners it fits,
-and what happens at epoch ends. Methods are found through the entry-point group
-`promptbench_vlm.methods`, like learners, so a user can add one.
+method only says how to turn a batch into a loss (plus its diagnostics), which learner
+capabilities it needs, its options and what happens at epoch ends. Methods are found through the
+entry-point group `promptbench_vlm.methods`, like learners, so a user can add one
+(docs/plugins.md has the whole contract).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any, ClassVar
 
 import torch
@@ -15,7 +18,20 @@ from torch import nn
 
 from ..errors import UserError
 from ..learners.base import PromptLearner
+from ..options import NoOptions, parse_given, parse_options
 from ..registry import Registry
+
+CAPABILITIES: dict[str, tuple[Callable[[type[PromptLearner]], bool], str]] = {
+    "text_tokens": (lambda cls: bool(cls.capabilities.text_tokens),
+                    "text-side prompt-token parameters (Capabilities.text_tokens)"),
+    "unconditional": (lambda cls: not cls.conditional, "text features that do not depend on the image "
+                      "(conditional = False)"),
+    "image_side_learned": (lambda cls: cls.image_side_learned, "a learned image side (image_side_learned = True)"),
+    "layer_prompts": (lambda cls: cls.capabilities.layer_prompts,
+                      "towers built from per-layer prompts (Capabilities.layer_prompts)"),
+}
+"""The learner capabilities a method may require (`TrainingMethod.requires`): a test on the
+learner class and what it means, for the message when one is missing."""
 
 
 class TrainingMethod(nn.Module):
@@ -23,8 +39,13 @@ class TrainingMethod(nn.Module):
 
     Attributes:
         name: Registry name (``"erm"``).
-        learners: Learner names the method fits; None means any learner with trainable params.
-        lr: The method's default learning rate (the reference code's), used when none is given.
+        Options: The declared options, a dataclass of `options.option` fields (`NoOptions`: none);
+            the constructor checks what it is given against it and keeps the typed result as
+            `config` and its dict as `options` (recorded in the checkpoint and result).
+        requires: Names of the learner capabilities the method needs (keys of `CAPABILITIES`);
+            any learner with trainable parameters that has them fits.
+        lr: The method's own default peak learning rate; None uses the learner's reference rate
+            (`Capabilities.default_lr`). See `default_lr`.
         learner_defaults: Per learner name, the learner options the method's reference configs
             use where they differ from the learner's own defaults (PromptSRC: 4 + 4 IVLP tokens);
             options the user gives win.
@@ -34,22 +55,33 @@ class TrainingMethod(nn.Module):
     """
 
     name: ClassVar[str] = ""
-    learners: ClassVar[tuple[str, ...] | None] = None
-    lr: ClassVar[float] = 0.002
+    Options: ClassVar[type] = NoOptions
+    requires: ClassVar[tuple[str, ...]] = ()
+    lr: ClassVar[float | None] = None
     learner_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
     template_options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, learner: PromptLearner, classnames: list[str], **options: Any):
         super().__init__()
-        if self.learners is not None and learner.name not in self.learners:
-            raise UserError(
-                f"method '{self.name}' does not fit learner '{learner.name}'; it needs one of: {', '.join(self.learners)}"
-            )
+        missing = self.missing(type(learner))
+        if missing:
+            raise UserError(f"method '{self.name}' cannot train learner '{learner.name}': it lacks the capability "
+                            f"'{missing[0]}' ({CAPABILITIES[missing[0]][1]})")
         if not any(p.requires_grad for p in learner.parameters()):
             raise UserError(f"learner '{learner.name}' has no trainable parameters; nothing for '{self.name}' to train")
         self.learner = learner
         self.classnames = list(classnames)
-        self.options: dict[str, Any] = dict(options)
+        self.config = parse_options(f"method '{self.name}'", type(self).Options, options)
+        self.options: dict[str, Any] = asdict(self.config)
+
+    @classmethod
+    def missing(cls, learner: type[PromptLearner]) -> list[str]:
+        """The required capabilities that learner class `learner` lacks (empty: it fits)."""
+        return [name for name in cls.requires if not CAPABILITIES[name][0](learner)]
+
+    def default_lr(self) -> float:
+        """The peak learning rate when none is given: the method's `lr`, else the learner's."""
+        return self.lr if self.lr is not None else self.learner.capabilities.default_lr
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Everything the optimiser updates: the learner's prompts and the method's own parameters."""
@@ -85,11 +117,26 @@ class TrainingMethod(nn.Module):
 METHODS: Registry[type[TrainingMethod]] = Registry("promptbench_vlm.methods", "method")
 
 
+def check_method_options(name: str, options: dict[str, Any] | None) -> dict[str, Any]:
+    """`options` of method `name` checked against its declaration and typed (only the keys given),
+    before any model loads.
+
+    Raises:
+        UserError: unknown method, unknown option (with "did you mean") or a value of the wrong type.
+    """
+    return parse_given(f"method '{name}'", METHODS.get(name).Options, options)
+
+
 def build_method(name: str, learner: PromptLearner, classnames: list[str], options: dict[str, Any] | None = None
                  ) -> TrainingMethod:
-    """Instantiate the registered method `name` for `learner`."""
+    """Instantiate the registered method `name` for `learner`.
+
+    Raises:
+        UserError: a bad option, a learner without a capability the method needs, or a TypeError
+            inside the method's own code (named with the method and the place it was raised).
+    """
     cls = METHODS.get(name)
     try:
         return cls(learner, classnames, **(options or {})).to(learner.device)
     except TypeError as err:
-        raise UserError(f"method '{name}': bad options {options}: {err}") from None
+        raise METHODS.raised_inside(name, err) from err

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -34,14 +34,36 @@ from torch.func import functional_call, jvp
 
 from ..errors import UserError
 from ..learners.base import PromptLearner
+from ..options import option
 from ..perturb import fill_template
 from ..templates import load_templates
-from .erm import ERM
 from .method import TrainingMethod
-from .promise_parts import TokenRate, draw_split, forward_ad_ready, is_token_param
+from .promise_parts import TokenRate, draw_split, forward_ad_ready
 
 Params = dict[str, torch.Tensor]
-META_UPDATES = ("fomaml", "reptile")
+
+
+@dataclass(frozen=True)
+class PromiseOptions:
+    """Options of `promise`; each part has a switch, for the paper's ablations (see `Promise`)."""
+
+    templates: str = option("promptsrc60", "Template set the template tasks are drawn from.")
+    templates_in: int = option(30, "Size of P_in, the templates of the inner loop, drawn each step.")
+    templates_out: int = option(30, "Size of P_out, the disjoint templates of the outer loss.")
+    inner_steps: int = option(3, "K, inner iterations per step.")
+    inner_lr: float = option(0.01, "Base inner rate alpha_0 (also of non-token parameters).")
+    weighting: bool = option(True, "Learn template scores s, w = softmax(s / tau) over P_in; off: uniform weights.")
+    tau: float = option(1.0, "Temperature tau of the template-weight softmax.")
+    entropy_reg: float = option(0.0, "lambda: the scores minimise L_out - lambda * H(w).")
+    token_lr: bool = option(True, "Per-token inner rates alpha_k = H(e_k); off: every parameter uses alpha_0.")
+    rate_hidden: int = option(32, "Hidden width of the rate network H.")
+    meta_update: Literal["fomaml", "reptile"] = option("fomaml", "The meta-update of the prompts.")
+    anchor: float = option(1.0, "Weight of the loss at theta itself in theta's meta-gradient (0: the paper's).")
+    score_lr_scale: float | None = option(None, "Rate of the scores as a multiple of the shared rate; none: "
+                                          "templates_in / inner_lr.")
+    rate_lr_scale: float | None = option(None, "Rate of H as a multiple of the shared rate; none: 1 / inner_lr.")
+    track_improvement: bool = option(True, "Also log the share of inner updates that lowered L_out "
+                                     "(K extra forwards).")
 
 
 @dataclass
@@ -79,7 +101,8 @@ class InnerStep:
 
 
 class Promise(TrainingMethod):
-    """Bi-level meta-finetuning over templates on CoOp, IVLP or MaPLe.
+    """Bi-level meta-finetuning over templates on an unconditional learner with declared prompt
+    tokens (CoOp, IVLP, MaPLe or a plug-in with those capabilities).
 
     Options (each part has a switch, for the paper's ablations):
         templates: Template set drawn from (60 PromptSRC templates).
@@ -105,34 +128,29 @@ class Promise(TrainingMethod):
     """
 
     name = "promise"
-    learners = ("coop", "ivlp", "maple")
+    Options = PromiseOptions
+    requires = ("text_tokens", "unconditional")
     template_options = ("templates",)
 
-    def __init__(self, learner: PromptLearner, classnames: list[str], templates: str = "promptsrc60",
-                 templates_in: int = 30, templates_out: int = 30, inner_steps: int = 3, inner_lr: float = 0.01,
-                 weighting: bool = True, tau: float = 1.0, entropy_reg: float = 0.0, token_lr: bool = True,
-                 rate_hidden: int = 32, meta_update: str = "fomaml", anchor: float = 1.0, score_lr_scale: float | None = None,
-                 rate_lr_scale: float | None = None, track_improvement: bool = True, **options: Any):
-        super().__init__(learner, classnames, templates=templates, templates_in=templates_in,
-                         templates_out=templates_out, inner_steps=inner_steps, inner_lr=inner_lr, weighting=weighting,
-                         tau=tau, entropy_reg=entropy_reg, token_lr=token_lr, rate_hidden=rate_hidden,
-                         meta_update=meta_update, anchor=anchor, score_lr_scale=score_lr_scale, rate_lr_scale=rate_lr_scale,
-                         track_improvement=track_improvement, **options)
-        self.templates = load_templates(templates).templates
-        _check_options(len(self.templates), templates_in, templates_out, inner_steps, inner_lr, tau, meta_update, anchor)
-        self.n_in, self.n_out, self.inner_steps, self.inner_lr = templates_in, templates_out, inner_steps, inner_lr
-        self.tau, self.entropy_reg, self.meta_update, self.anchor = tau, entropy_reg, meta_update, anchor
-        self.score_lr_scale = templates_in / inner_lr if score_lr_scale is None else score_lr_scale
-        self.rate_lr_scale = 1 / inner_lr if rate_lr_scale is None else rate_lr_scale
-        self.track_improvement = track_improvement
+    def __init__(self, learner: PromptLearner, classnames: list[str], **options: Any):
+        super().__init__(learner, classnames, **options)
+        cfg = self.config
+        templates_in, inner_lr = cfg.templates_in, cfg.inner_lr
+        self.templates = load_templates(cfg.templates).templates
+        _check_options(len(self.templates), templates_in, cfg.templates_out, cfg.inner_steps, inner_lr, cfg.tau, cfg.anchor)
+        self.n_in, self.n_out, self.inner_steps, self.inner_lr = templates_in, cfg.templates_out, cfg.inner_steps, inner_lr
+        self.tau, self.entropy_reg, self.meta_update, self.anchor = cfg.tau, cfg.entropy_reg, cfg.meta_update, cfg.anchor
+        self.score_lr_scale = templates_in / inner_lr if cfg.score_lr_scale is None else cfg.score_lr_scale
+        self.rate_lr_scale = 1 / inner_lr if cfg.rate_lr_scale is None else cfg.rate_lr_scale
+        self.track_improvement = cfg.track_improvement
         self.texts = [[fill_template(t, c)[0] for c in self.classnames] for t in self.templates]
-        self.scores = nn.Parameter(torch.zeros(len(self.templates))) if weighting else None
-        widths = sorted({p.shape[-1] for n, p in self.learned().items() if is_token_param(n)})
-        self.rates = nn.ModuleDict({str(w): TokenRate(w, inner_lr, rate_hidden) for w in widths}) if token_lr else None
+        self.scores = nn.Parameter(torch.zeros(len(self.templates))) if cfg.weighting else None
+        self.token_names = frozenset(learner.token_parameters())
+        widths = sorted({p.shape[-1] for n, p in self.learned().items() if n in self.token_names})
+        self.rates = (nn.ModuleDict({str(w): TokenRate(w, inner_lr, cfg.rate_hidden) for w in widths})
+                      if cfg.token_lr else None)
         self.text_names = self._text_side_names()
         self.last_split: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    default_lr = ERM.default_lr
 
     # --- running the learner at other parameter values ------------------------------------
     def learned(self) -> Params:
@@ -149,11 +167,23 @@ class Promise(TrainingMethod):
 
     @torch.enable_grad()
     def _text_side_names(self) -> frozenset[str]:
-        """Parameters the text encoder reads: a one-text probe, so no learner layout is assumed."""
+        """The learner's declared text-side prompt tokens, checked by a one-text probe: every
+        parameter the text encoder reads must be one (the template weights' hypergradient takes
+        each template's gradient through per-text copies of exactly these).
+
+        Raises:
+            UserError: the text encoder reads a parameter not declared in ``text_tokens``.
+        """
         params = self.learned()
         feats = self.learner.encode_texts([self.texts[0][0]])
         grads = torch.autograd.grad(feats.sum(), list(params.values()), allow_unused=True)
-        return frozenset(n for n, g in zip(params, grads) if g is not None)
+        read = {n for n, g in zip(params, grads) if g is not None}
+        declared = set(self.learner.token_parameters("text"))
+        if read - declared:
+            raise UserError(f"method 'promise' cannot train learner '{self.learner.name}': its text encoder reads "
+                            f"{', '.join(sorted(read - declared))}, which its capabilities do not declare as "
+                            "text-side prompt tokens (Capabilities.text_tokens)")
+        return frozenset(read)
 
     def template_pass(self, params: Params, split: torch.Tensor, images: torch.Tensor, labels: torch.Tensor,
                       image_features: torch.Tensor | None, capture: bool = False) -> TemplatePass:
@@ -181,7 +211,7 @@ class Promise(TrainingMethod):
         first-order reading keeps θ's gradient free of H), else the base rate."""
         if self.rates is None:
             return {n: self.inner_lr for n in params}
-        return {n: self.rates[str(p.shape[-1])](p.detach()) if is_token_param(n) else self.inner_lr
+        return {n: self.rates[str(p.shape[-1])](p.detach()) if n in self.token_names else self.inner_lr
                 for n, p in params.items()}
 
     def inner_step(self, point: Params, split: torch.Tensor, weights: torch.Tensor, images: torch.Tensor,
@@ -304,7 +334,7 @@ def _rate_range(rates: dict[str, torch.Tensor | float]) -> dict[str, float]:
 
 
 def _check_options(n_templates: int, n_in: int, n_out: int, inner_steps: int, inner_lr: float, tau: float,
-                   meta_update: str, anchor: float) -> None:
+                   anchor: float) -> None:
     if n_in < 1 or n_out < 1 or n_in + n_out > n_templates:
         raise UserError(f"promise: templates_in ({n_in}) and templates_out ({n_out}) must be at least 1 and "
                         f"together at most the {n_templates} templates of the set")
@@ -314,5 +344,3 @@ def _check_options(n_templates: int, n_in: int, n_out: int, inner_steps: int, in
         raise UserError(f"promise: inner_lr and tau must be positive, got {inner_lr} and {tau}")
     if anchor < 0:
         raise UserError(f"promise: anchor must be at least 0, got {anchor}")
-    if meta_update not in META_UPDATES:
-        raise UserError(f"promise: meta_update must be one of {', '.join(META_UPDATES)}, got '{meta_update}'")

@@ -13,15 +13,6 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-TOKEN_PREFIXES = ("text_prompts.", "vision_prompts.")
-"""Name prefixes of the deep learners' prompt-token tensors ``[n, width]`` (CoOp's is ``ctx``)."""
-
-
-def is_token_param(name: str) -> bool:
-    """Whether a learner parameter is a tensor of prompt tokens (one row per learned token)."""
-    return name == "ctx" or name.startswith(TOKEN_PREFIXES)
-
-
 def draw_split(n_templates: int, n_in: int, n_out: int, generator: torch.Generator | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Disjoint random index sets P_in (`n_in`) and P_out (`n_out`) out of `n_templates`.

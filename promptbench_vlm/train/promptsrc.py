@@ -12,15 +12,30 @@ have their own, see the presets). The learner is IVLP with 4 + 4 tokens at depth
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ..learners.base import PromptLearner
+from ..options import option
 from ..perturb import fill_template
 from ..templates import load_templates
-from .erm import ERM
+from .erm import ERM, ERMOptions
+
+
+@dataclass(frozen=True)
+class PromptSRCOptions(ERMOptions):
+    """Options of `promptsrc`: ERM's template and the self-regulation."""
+
+    text_weight: float = option(25.0, "Weight of the text L1 self-regulation.")
+    image_weight: float = option(10.0, "Weight of the image L1 self-regulation.")
+    kl_weight: float = option(1.0, "Weight of KL(zero-shot || prompted).")
+    gpa: bool = option(True, "Gaussian prompt aggregation of the per-epoch prompts.")
+    gpa_mean: float | None = option(None, "GPA mean, in epochs; none: 15, the base-to-new config's (of 20 epochs).")
+    gpa_std: float | None = option(None, "GPA std, in epochs; none: 1, the base-to-new config's.")
+    frozen_templates: str = option("promptsrc60", "Template set averaged into the frozen text target.")
 
 
 def gaussian_epoch_weights(epochs: int, mean: float, std: float) -> list[float]:
@@ -31,41 +46,27 @@ def gaussian_epoch_weights(epochs: int, mean: float, std: float) -> list[float]:
 
 
 class PromptSRC(ERM):
-    """PromptSRC's losses on an IVLP learner.
-
-    Options:
-        text_weight: Weight of the text L1 self-regulation (25).
-        image_weight: Weight of the image L1 self-regulation (10).
-        kl_weight: Weight of KL(zero-shot || prompted) (1).
-        gpa: Gaussian prompt aggregation on/off.
-        gpa_mean, gpa_std: In epochs; default 15 and 1, the base-to-new config's (over 20 epochs).
-        frozen_templates: Template set averaged into the frozen text target.
-    """
+    """PromptSRC's losses on a learner with a learned image side (the paper's IVLP; MaPLe fits
+    too), options in `PromptSRCOptions`; the reference configs' IVLP has 4 + 4 tokens
+    (`learner_defaults`) and rate 0.0025."""
 
     name = "promptsrc"
-    learners = ("ivlp",)
+    Options = PromptSRCOptions
+    requires = ("image_side_learned",)
+    lr = 0.0025
     learner_defaults = {"ivlp": {"n_ctx": 4, "n_ctx_v": 4}}
     template_options = ("frozen_templates",)
     GPA_MEAN, GPA_STD = 15.0, 1.0
 
-    def __init__(self, learner: PromptLearner, classnames: list[str], template: str = "{}.",
-                 text_weight: float = 25.0, image_weight: float = 10.0, kl_weight: float = 1.0, gpa: bool = True,
-                 gpa_mean: float | None = None, gpa_std: float | None = None, frozen_templates: str = "promptsrc60",
-                 **options: Any):
-        super().__init__(learner, classnames, template=template, text_weight=text_weight, image_weight=image_weight,
-                         kl_weight=kl_weight, gpa=gpa, gpa_mean=gpa_mean, gpa_std=gpa_std,
-                         frozen_templates=frozen_templates, **options)
-        self.weights = {"text": text_weight, "image": image_weight, "kl": kl_weight}
-        self.gpa = gpa
-        self.gpa_mean, self.gpa_std = gpa_mean, gpa_std
-        self.register_buffer("frozen_text", self._frozen_text_target(load_templates(frozen_templates).templates),
+    def __init__(self, learner: PromptLearner, classnames: list[str], **options: Any):
+        super().__init__(learner, classnames, **options)
+        c = self.config
+        self.weights = {"text": c.text_weight, "image": c.image_weight, "kl": c.kl_weight}
+        self.gpa = c.gpa
+        self.gpa_mean, self.gpa_std = c.gpa_mean, c.gpa_std
+        self.register_buffer("frozen_text", self._frozen_text_target(load_templates(c.frozen_templates).templates),
                              persistent=False)
         self._aggregate: dict[str, torch.Tensor] = {}
-
-    @classmethod
-    def default_lr(cls, learner_name: str) -> float:
-        """The PromptSRC configs' rate, 0.0025."""
-        return 0.0025
 
     @torch.no_grad()
     def _frozen_text_target(self, templates: tuple[str, ...]) -> torch.Tensor:

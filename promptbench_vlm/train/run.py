@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from ..data import DatasetOptions, load_dataset
 from ..errors import UserError
 from ..evaluate import EvalSettings, Evaluator, ProgressFn
 from ..files import atomic_path
-from ..learners import build_learner, load_learner_checkpoint
+from ..learners import build_learner, check_learner_options, load_learner_checkpoint
 from ..perturb import parse_perturbations
 from ..results import backbone_fields, build_result, read_result, write_json
 from ..templates import load_templates
@@ -34,7 +35,7 @@ from ..wordings import (WordingProtocol, evaluation_pools, seen_pool_options, sp
 from .fewshot import DEFAULT_CACHE, few_shot
 from .loop import TrainConfig, train
 from .maml_tasks import JointDataset
-from .method import METHODS, build_method
+from .method import METHODS, build_method, check_method_options
 from .train_state import STATE, load_state
 
 CHECKPOINT, LOG, SETTINGS, RESULT = "learner.safetensors", "log.jsonl", "train.json", "result.json"
@@ -71,10 +72,14 @@ class TrainRequest:
 
 
 def check_request(request: TrainRequest) -> None:
-    """Refuse what cannot run, before any data or model loads."""
+    """Refuse what cannot run, before any data or model loads; type the method and learner
+    options in place (so train.json records ``weighting: false`` however it was spelt)."""
     config = request.config
     if config.epochs < 1 or config.batch_size < 1 or config.accumulate < 1:
         raise UserError("--epochs, --batch-size and --accumulate must be at least 1")
+    request.method_options = check_method_options(request.method, request.method_options)
+    if request.learner and not request.init:
+        request.learner_options = check_learner_options(request.learner, request.learner_options)
     if request.resume and request.overwrite:
         raise UserError("--resume continues the run in the output folder and --overwrite replaces it: pass one of them")
     if METHODS.get(request.method).fit is not None:  # its own loop (maml-clip): no state, no sharding
@@ -186,7 +191,12 @@ def run_training(request: TrainRequest, run_info: dict[str, Any], progress: Prog
         seen_file = distributed.main_only(lambda: write_seen_pool(folder / SEEN_WORDINGS, split))
         method_options = seen_pool_options(METHODS.get(request.method), method_options, split, seen_file)
     method = build_method(request.method, learner, train_data.classnames, method_options)
-    lr = config.lr if config.lr is not None else getattr(method, "default_lr", lambda _: method.lr)(learner.name)
+    lr = config.lr if config.lr is not None else method.default_lr()
+    if main and method.fit is None and config.warmup_epochs >= config.epochs:
+        message = (f"the warm-up ({config.warmup_epochs} epoch(s) at {config.warmup_lr}) covers the whole run of "
+                   f"{config.epochs} epoch(s): every step uses the warm-up rate, never {lr}; pass --warmup-epochs 0 "
+                   "or more --epochs")
+        note(f"warning: {message}") if note else warnings.warn(message, stacklevel=2)
     if main and start is None:
         settings = {"request": _jsonable(request), "lr": lr, "train_images": len(train_data)}
         with atomic_path(folder / SETTINGS) as tmp:
