@@ -82,6 +82,10 @@ def evaluate(
     label_column: Annotated[str, typer.Option(help="HF datasets: the label column.")] = "label",
     trust_remote_code: Annotated[bool, typer.Option(help="HF datasets: allow the dataset's own loading code.")] = False,
     templates: Annotated[str, typer.Option(help="Template set name or file (one template per line, {} = class).")] = "promptsrc60",
+    wordings: Annotated[str, typer.Option(help="'split': score on the seen / held-out / out-of-family wordings (a checkpoint trained under the protocol: its recorded split; else the split of --templates, docs/wordings.md); 'all': on --templates whole.")] = "all",
+    held_out: Annotated[float, typer.Option(help="--wordings split without a recorded split: share of the pool held out.")] = 1 / 3,
+    wording_seed: Annotated[int, typer.Option(help="--wordings split without a recorded split: seed of the split.")] = 0,
+    out_of_family: Annotated[str, typer.Option(help="--wordings split without a recorded split: the out-of-family set.")] = "out_of_family",
     perturb: Annotated[str, typer.Option(help="'default' (4 ops x weak/strong), 'none', or e.g. 'synonym:0.3,drop:weak'.")] = "default",
     draws: Annotated[int, typer.Option(min=1, help="Independent draws per perturbation.")] = 1,
     lexicon: Annotated[Optional[Path], typer.Option(help="Your own synonym lexicon (JSON).")] = None,
@@ -102,6 +106,8 @@ def evaluate(
 
     Under torchrun every rank runs this body on its share of the work; only rank 0 writes and prints.
     """
+    from dataclasses import replace
+
     from . import distributed
     from .backbone import load_backbone
     from .cache import FeatureCache
@@ -115,6 +121,7 @@ def evaluate(
     from .results import backbone_fields, build_result, read_result, write_csv, write_json
     from .resume import Terminated, find_previous, finished_subsets, sigterm_interrupts
     from .templates import load_templates
+    from .wordings import WordingProtocol, evaluation_pools, subset_name, wording_fields, wording_split
 
     device = distributed.setup(device)
     main = distributed.is_main()
@@ -123,6 +130,10 @@ def evaluate(
         raise UserError(f"unknown subset '{subset}'. Valid: all, base, new, base-new")
     started = time.perf_counter()
     template_set = load_templates(templates)
+    wording, wording_note = wording_split(wordings, learner,
+                                          WordingProtocol(templates, held_out, out_of_family, wording_seed))
+    if wording_note and main:
+        console.print(f"[yellow]warning:[/] {escape(wording_note)}", highlight=False, soft_wrap=True)
     specs = parse_perturbations(perturb)
     lex = load_lexicon(lexicon, mask_token=mask_token)
     options = DatasetOptions(split=split, image_column=image_column, label_column=label_column,
@@ -151,8 +162,7 @@ def evaluate(
         "dataset_fingerprint": {d.name: d.fingerprint() for d in datasets},
         "split": split,
         "subset": subset,
-        "templates_name": template_set.name,
-        "templates": list(template_set.templates),
+        **wording_fields(wording, template_set),
         "perturbations": [{"label": p.label, "op": p.op, "rate": p.rate, "level": p.level} for p in specs],
         "draws": draws,
         "lexicon": str(lexicon) if lexicon else "shipped",
@@ -190,13 +200,16 @@ def evaluate(
     finished: list = []
     with Progress(TextColumn("{task.description:>13}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True, disable=not main) as progress, sigterm_interrupts():
-        evaluator = Evaluator(prompt_learner, settings, progress=_Bars(progress), cache=features, split=split)
+        units = [(ds, subset_name(name, pool), Evaluator(prompt_learner, replace(settings, templates=pool_templates),
+                                                         progress=_Bars(progress), cache=features, split=split))
+                 for pool, pool_templates in evaluation_pools(wording, template_set.templates)
+                 for ds, name in zip(datasets, subsets)]
         try:
-            for ds, name in zip(datasets, subsets):
+            for ds, name, evaluator in units:
                 if name in earlier:
                     continue
                 evaluator.run(ds, subset=name, partial=finished)
-                if main and len(earlier) + len(finished) < len(subsets):  # a finished unit survives any kill
+                if main and len(earlier) + len(finished) < len(units):  # a finished unit survives any kill
                     write_json(build_result(run, finished, complete=False, earlier=earlier), path)
         except KeyboardInterrupt as interrupt:
             run["wall_time_s"] = time.perf_counter() - started
@@ -303,6 +316,12 @@ def train(
     training = doc["run"]["training"]
     console.print(f"trained {training['steps']} steps: loss {training['first_loss']:.4f} -> {training['last_loss']:.4f}; "
                   f"run folder {folder}/")
+    weights = training.get("method_summary", {})
+    if weights.get("weighting"):
+        heaviest = ", ".join(f"{t['template']!r} {t['weight']:.3f}" for t in weights["top_templates"][:3])
+        console.print(f"template weights: entropy {weights['w_entropy_p_in']:.2f} of {weights['w_entropy_p_in_max']:.2f} "
+                      f"over P_in, {weights['w_entropy_all']:.2f} of {weights['w_entropy_all_max']:.2f} over all; "
+                      f"heaviest {heaviest}", highlight=False, soft_wrap=True)
 
 
 @app.command("import")

@@ -205,3 +205,29 @@ def protocol_for(mode: str, pool: str, held_out: float = 1 / 3, seed: int = 0,
     if mode not in MODES:
         raise unknown_name_error("wordings mode", mode, MODES)
     return WordingProtocol(pool, held_out, out_of_family, seed) if mode == "split" else None
+
+
+def wording_split(mode: str, learner: str, protocol: WordingProtocol) -> tuple[WordingSplit | None, str | None]:
+    """The split ``evaluate --wordings MODE`` scores on, and a warning for the user (or None).
+
+    None for ``all``. For ``split``: the split recorded in a learner checkpoint trained under
+    the protocol (so its held-out wordings are the ones it never saw), else the split of
+    `protocol`, with a warning when the checkpoint was trained without the protocol (its
+    "held-out" wordings may be ones it trained on).
+
+    Raises:
+        UserError: an unknown mode.
+    """
+    from .learners import is_checkpoint
+    from .learners.base import read_checkpoint
+
+    if protocol_for(mode, protocol.pool) is None:
+        return None, None
+    if is_checkpoint(learner):
+        extra = read_checkpoint(learner)[1].get("extra", {})
+        if extra.get("wordings"):
+            return WordingSplit.from_dict(extra["wordings"]), None
+        if extra.get("method"):
+            return split_wordings(protocol), (f"{learner} was trained by '{extra['method']}' without the wording "
+                                              "protocol: its held-out wordings may be ones it trained on")
+    return split_wordings(protocol), None

@@ -4,6 +4,7 @@ the plain FOMAML step by hand, disjoint template sets, switches and a short trai
 from __future__ import annotations
 
 import json
+import math
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -110,10 +111,12 @@ def assert_directional(grads, direction, fd):
     assert abs(analytic - fd) <= 1e-2 * abs(fd), (analytic, fd)
 
 
+@pytest.mark.parametrize("rate_input", ["tokens", "template_features"])
 @pytest.mark.parametrize("learner", ["maple", "coop"])
-def test_hypergradients_match_finite_differences_one_inner_step(learner):
-    """With K = 1 the first-order hypergradient is the exact derivative of L_out: FD must agree."""
-    method = float64_method(learner, inner_steps=1, inner_lr=0.5, entropy_reg=0.05)
+def test_hypergradients_match_finite_differences_one_inner_step(learner, rate_input):
+    """With K = 1 the first-order hypergradient is the exact derivative of L_out: FD must agree,
+    for rates per token and for rates per template from its text features."""
+    method = float64_method(learner, inner_steps=1, inner_lr=0.5, entropy_reg=0.05, rate_input=rate_input)
     perturb_rates(method)
     images, labels = batch()
     grads, _, _ = meta_grads(method, images, labels)
@@ -246,7 +249,8 @@ def test_template_sets_are_disjoint_every_step(tiny_backbone):
 
 def test_bad_options_are_user_errors(tiny_backbone):
     learner = build_learner("coop", tiny_backbone)
-    for options in ({"templates_in": 40}, {"inner_steps": 0}, {"tau": 0}, {"meta_update": "sgd"}, {"anchor": -1}):
+    for options in ({"templates_in": 40}, {"inner_steps": 0}, {"tau": 0}, {"meta_update": "sgd"}, {"anchor": -1},
+                    {"rate_input": "token"}):
         with pytest.raises(UserError, match="promise"):
             build_method("promise", learner, CLASSES, options)
     with pytest.raises(UserError, match="cannot train learner 'cocoop': it lacks the capability 'unconditional'"):
@@ -266,3 +270,9 @@ def test_training_run_logs_the_diagnostics(tmp_path):
     expected = {"outer_loss", "improve_share", "w_entropy", "top1_template", "alpha_min", "alpha_max"}
     assert expected <= set(log[0]) and log[0]["loss"] == pytest.approx(log[0]["outer_loss"])
     assert 0 <= log[0]["improve_share"] <= 1 and 0 < log[0]["alpha_min"] <= log[0]["alpha_max"]
+    summary = doc["run"]["training"]["method_summary"]  # the final weights, in the run's result
+    assert 0 < summary["w_entropy_all"] <= summary["w_entropy_all_max"] == pytest.approx(math.log(60))
+    assert 0 < summary["w_entropy_p_in"] <= summary["w_entropy_p_in_max"] == pytest.approx(math.log(3))
+    top = summary["top_templates"]
+    assert len(top) == 5 and all("{}" in t["template"] for t in top)
+    assert [t["weight"] for t in top] == sorted((t["weight"] for t in top), reverse=True)

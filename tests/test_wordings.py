@@ -67,14 +67,21 @@ def test_a_held_out_wording_as_a_training_template_is_refused(split):
         seen_pool_options(METHODS.get("erm"), {"template": split.held_out[0]}, split, "seen.txt")
 
 
-def test_trained_on_the_seen_pool_and_scored_on_the_others_reports_each(tmp_path):
-    folder = write_train_test_folders(tmp_path / "colours", train=6, test=3)
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[dict, Path, Path]:
+    """erm-multi trained under the protocol on colour folders: (result, data folder, run folder)."""
+    root = tmp_path_factory.mktemp("wordings")
+    folder = write_train_test_folders(root / "colours", train=6, test=3)
     request = TrainRequest(method="erm-multi", learner="coop", model=str(TINY_CONFIG), dataset=f"folder:{folder}",
-                           shots=4, output=str(tmp_path / "run"), eval_perturb="drop:strong", bootstrap=20,
+                           shots=4, output=str(root / "run"), eval_perturb="drop:strong", bootstrap=20,
                            config=TrainConfig(epochs=4, batch_size=4, lr=0.02, warmup_epochs=0, seed=3),
                            method_options={"templates_per_step": 4}, device="cpu", fewshot_cache=None,
                            wordings=WordingProtocol())
-    doc = run_training(request, {})
+    return run_training(request, {}), folder, root / "run"
+
+
+def test_trained_on_the_seen_pool_and_scored_on_the_others_reports_each(trained):
+    doc, _, run_folder = trained
     split = split_wordings(WordingProtocol())
     assert set(doc["subsets"]) == {f"{s}@{p}" for s in ("base", "new") for p in POOLS}
     assert WordingSplit.from_dict(doc["run"]["wordings"]) == split  # the split is recorded in the result
@@ -84,12 +91,28 @@ def test_trained_on_the_seen_pool_and_scored_on_the_others_reports_each(tmp_path
         assert set(doc["base_new_by_wording"][pool]) == {"base", "new", "H"}
     assert doc["run"]["templates"] == [*split.seen, *split.held_out, *split.out_of_family]
     trained_on = doc["run"]["training"]["method_options"]["templates"]
-    assert load_templates(trained_on).templates == split.seen == load_templates(str(tmp_path / "run" / SEEN_WORDINGS)).templates
-    settings = json.loads((tmp_path / "run" / "train.json").read_text())
+    assert load_templates(trained_on).templates == split.seen == load_templates(str(run_folder / SEEN_WORDINGS)).templates
+    settings = json.loads((run_folder / "train.json").read_text())
     assert settings["request"]["wordings"] == {"pool": "promptsrc60", "held_out": 1 / 3,
                                                "out_of_family": "out_of_family", "seed": 0}
     training = doc["run"]["training"]
     assert training["last_loss"] < training["first_loss"]  # the multi-template control learns
+
+
+def test_evaluate_scores_a_checkpoint_on_the_split_it_was_trained_under(trained, tmp_path):
+    doc, folder, run_folder = trained
+    out = tmp_path / "eval.json"
+    proc = run_console("evaluate", "--model", str(TINY_CONFIG), "--learner", str(run_folder / "learner.safetensors"),
+                       "--dataset", f"folder:{folder}", "--subset", "base", "--wordings", "split",
+                       "--wording-seed", "7", "--perturb", "none", "--bootstrap", "0", "--device", "cpu",
+                       "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    scored = json.loads(out.read_text())
+    assert set(scored["subsets"]) == {f"base@{p}" for p in POOLS}
+    assert scored["run"]["wordings"] == doc["run"]["wordings"]  # the recorded split, not --wording-seed 7's
+    for pool in POOLS:  # the same learner on the same images and wordings: the same accuracy
+        assert scored["subsets"][f"base@{pool}"]["metrics"]["acc_mean"]["value"] == pytest.approx(
+            doc["subsets"][f"base@{pool}"]["metrics"]["acc_mean"]["value"])
 
 
 def test_cli_wordings_mode_is_checked_in_one_line(tmp_path):

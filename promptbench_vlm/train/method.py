@@ -113,6 +113,11 @@ class TrainingMethod(nn.Module):
     def finish(self) -> None:
         """Hook after the last epoch, before the checkpoint is written."""
 
+    def summary(self) -> dict[str, Any]:
+        """What the trained method's own state says, for the run's result (Promise: its template
+        weights); empty by default."""
+        return {}
+
 
 METHODS: Registry[type[TrainingMethod]] = Registry("promptbench_vlm.methods", "method")
 

@@ -55,7 +55,7 @@ class PromiseOptions:
     weighting: bool = option(True, "Learn template scores s, w = softmax(s / tau) over P_in; off: uniform weights.")
     tau: float = option(1.0, "Temperature tau of the template-weight softmax.")
     entropy_reg: float = option(0.0, "lambda: the scores minimise L_out - lambda * H(w).")
-    token_lr: bool = option(True, "Per-token inner rates alpha_k = H(e_k); off: every parameter uses alpha_0.")
+    token_lr: bool = option(True, "Learned inner rates from the rate network H; off: every parameter uses alpha_0.")
     rate_hidden: int = option(32, "Hidden width of the rate network H.")
     meta_update: Literal["fomaml", "reptile"] = option("fomaml", "The meta-update of the prompts.")
     anchor: float = option(1.0, "Weight of the loss at theta itself in theta's meta-gradient (0: the paper's).")
@@ -64,6 +64,9 @@ class PromiseOptions:
     rate_lr_scale: float | None = option(None, "Rate of H as a multiple of the shared rate; none: 1 / inner_lr.")
     track_improvement: bool = option(True, "Also log the share of inner updates that lowered L_out "
                                      "(K extra forwards).")
+    rate_input: Literal["tokens", "template_features"] = option(
+        "tokens", "What H reads: each learned prompt token (a rate per token), or each P_in template's "
+        "text-encoder features (a rate per template, scaling its gradient).")
 
 
 @dataclass
@@ -112,7 +115,12 @@ class Promise(TrainingMethod):
         weighting: Learn template scores s, w = softmax(s / τ) over P_in; off: uniform weights.
         tau: Temperature τ of the softmax.
         entropy_reg: λ; the scores minimise L_out − λ·H(w) (λ > 0 keeps the weights spread).
-        token_lr: Per-token rates α_k = H(e_k); off: every parameter uses α₀.
+        token_lr: Learned inner rates from the rate network H; off: every parameter uses α₀.
+        rate_input: What H reads. ``"tokens"``: each learned prompt token e_k, one rate per token
+            (α_k = H(e_k), our first reading); ``"template_features"``: each P_in template's
+            text-encoder features at θ (mean over classes), one rate per template that scales
+            that template's gradient, α_i = H(f_i), as the paper describes H's input
+            (docs/methods-promise.md). Costs one text forward of P_in without backward.
         rate_hidden: Hidden width of H.
         meta_update: "fomaml" or "reptile".
         anchor: Weight of the loss at θ itself (Σ_i w_i L_i on P_in, before adaptation) in θ's
@@ -146,10 +154,16 @@ class Promise(TrainingMethod):
         self.texts = [[fill_template(t, c)[0] for c in self.classnames] for t in self.templates]
         self.scores = nn.Parameter(torch.zeros(len(self.templates))) if cfg.weighting else None
         self.token_names = frozenset(learner.token_parameters())
-        widths = sorted({p.shape[-1] for n, p in self.learned().items() if n in self.token_names})
-        self.rates = (nn.ModuleDict({str(w): TokenRate(w, inner_lr, cfg.rate_hidden) for w in widths})
-                      if cfg.token_lr else None)
+        self.template_rates = cfg.token_lr and cfg.rate_input == "template_features"
         self.text_names = self._text_side_names()
+        if self.template_rates:
+            with torch.no_grad():
+                width = self.learner.encode_texts([self.texts[0][0]]).shape[-1]
+            self.rates = nn.ModuleDict({"template": TokenRate(width, inner_lr, cfg.rate_hidden)})
+        else:
+            widths = sorted({p.shape[-1] for n, p in self.learned().items() if n in self.token_names})
+            self.rates = (nn.ModuleDict({str(w): TokenRate(w, inner_lr, cfg.rate_hidden) for w in widths})
+                          if cfg.token_lr else None)
         self.last_split: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # --- running the learner at other parameter values ------------------------------------
@@ -209,16 +223,25 @@ class Promise(TrainingMethod):
     def token_rates(self, params: Params) -> dict[str, torch.Tensor | float]:
         """α per parameter: ``[n, 1]`` from H for prompt tokens (on the detached tokens: the
         first-order reading keeps θ's gradient free of H), else the base rate."""
-        if self.rates is None:
+        if self.rates is None or self.template_rates:  # per-template rates scale the gradients instead
             return {n: self.inner_lr for n in params}
         return {n: self.rates[str(p.shape[-1])](p.detach()) if n in self.token_names else self.inner_lr
                 for n, p in params.items()}
+
+    def template_rate(self, theta: Params, p_in: torch.Tensor) -> torch.Tensor:
+        """α_i = H(f_i) ``[n_in]`` per template of P_in, f_i its text features at θ (mean over classes,
+        detached: as for token rates, θ's first-order gradient carries no term through H)."""
+        texts = [text for t in p_in.tolist() for text in self.texts[t]]
+        with torch.no_grad():
+            feats = self._call({n: t.detach() for n, t in theta.items()}, "texts", texts)
+        return self.rates["template"](feats.view(len(p_in), len(self.classnames), -1).mean(1)).squeeze(-1)
 
     def inner_step(self, point: Params, split: torch.Tensor, weights: torch.Tensor, images: torch.Tensor,
                    labels: torch.Tensor, image_features: torch.Tensor | None) -> tuple[InnerStep, torch.Tensor]:
         """Σ_i w_i g_i at `point` from ONE backward of Σ_i w_i L_i, plus the per-template pieces."""
         leaf = {n: t.detach().requires_grad_() for n, t in point.items()}
-        tp = self.template_pass(leaf, split, images, labels, image_features, capture=self.scores is not None)
+        capture = self.scores is not None or self.template_rates
+        tp = self.template_pass(leaf, split, images, labels, image_features, capture=capture)
         extra = [*tp.rows.values(), *([tp.feats] if tp.feats is not None else [])]
         grads = torch.autograd.grad((weights * tp.losses).sum(), [*leaf.values(), *extra], materialize_grads=True)
         grad = dict(zip(leaf, grads[:len(leaf)]))
@@ -255,10 +278,14 @@ class Promise(TrainingMethod):
         else:
             log_w = torch.full((self.n_in,), -math.log(self.n_in), dtype=dtype, device=self.learner.device)
         weights = log_w.exp()
+        coef, alpha = weights.detach(), None
+        if self.template_rates:  # template i's gradient enters with w_i α_i / α₀, the step is α₀
+            alpha = self.template_rate(theta, p_in)
+            coef = coef * alpha.detach() / self.inner_lr
 
         point, path, steps, inner_loss = {n: t.detach() for n, t in theta.items()}, [], [], 0.0
         for k in range(self.inner_steps):
-            step, losses = self.inner_step(point, p_in, weights.detach(), images, labels, image_features)
+            step, losses = self.inner_step(point, p_in, coef, images, labels, image_features)
             if k == 0:
                 inner_loss = float((weights.detach() * losses).sum())
             path.append(point)
@@ -278,11 +305,16 @@ class Promise(TrainingMethod):
         if self.anchor:
             terms = terms + self.anchor * sum((theta[n] * steps[0].grad[n]).sum() for n in theta)
         diagnostics = {"outer_loss": l_out.item(), "outer_acc": out.acc, "inner_loss": inner_loss}
-        if self.rates is not None:
+        # c_i = a_i ∂L_out/∂a_i for the coefficient a_i = w_i α_i of template i's gradient (α_i = α₀ without
+        # template rates): it is w_i ∂L_out/∂w_i, and α_i ∂L_out/∂α_i
+        c = self.weight_hypergradient(steps, rates, v, images) if self.scores is not None or alpha is not None else None
+        if alpha is not None:
+            terms = terms + self.rate_lr_scale * (alpha.log() * c).sum()
+            diagnostics.update(_rate_range({"template": alpha}))
+        elif self.rates is not None:
             terms = terms + self.rate_lr_scale * self._rate_term(rates, v, steps)
             diagnostics.update(_rate_range(rates))
         if self.scores is not None:
-            c = self.weight_hypergradient(steps, rates, v, images)
             entropy = -(weights * log_w).sum()
             terms = terms + self.score_lr_scale * ((log_w * c).sum() - self.entropy_reg * entropy)
             diagnostics.update(self._weight_summary(entropy))
@@ -314,6 +346,25 @@ class Promise(TrainingMethod):
             summary[f"top{rank}_template"] = float(index)
             summary[f"top{rank}_weight"] = weight
         return summary
+
+    @torch.no_grad()
+    def summary(self) -> dict[str, Any]:
+        """The final template weights: their entropy over the whole set and over P_in-sized draws
+        (mean of 200 seeded draws), each with its maximum, and the five heaviest templates."""
+        if self.scores is None:
+            return {"weighting": False}
+        scores = self.scores.detach().double().cpu() / self.tau
+        weights = torch.softmax(scores, 0)
+        generator = torch.Generator().manual_seed(0)
+        draws = [torch.randperm(len(scores), generator=generator)[:self.n_in] for _ in range(200)]
+        p_in = [torch.softmax(scores[d], 0) for d in draws]
+        top = weights.topk(min(5, len(weights)))
+        return {"weighting": True,
+                "w_entropy_all": float(-(weights * weights.log()).sum()), "w_entropy_all_max": math.log(len(weights)),
+                "w_entropy_p_in": float(torch.stack([-(w * w.log()).sum() for w in p_in]).mean()),
+                "w_entropy_p_in_max": math.log(self.n_in),
+                "top_templates": [{"template": self.templates[i], "weight": w}
+                                  for w, i in zip(top.values.tolist(), top.indices.tolist())]}
 
     @torch.no_grad()
     def _improve_share(self, path: list[Params], final: float, p_out: torch.Tensor, images: torch.Tensor,

@@ -229,6 +229,7 @@ def run_training(request: TrainRequest, run_info: dict[str, Any], progress: Prog
            "training": {**extra, "steps": outcome.steps, "first_loss": outcome.losses[0] if outcome.losses else None,
                         "last_loss": outcome.losses[-1] if outcome.losses else None,
                         "train_wall_time_s": outcome.wall_time_s, "skipped_images": outcome.skipped_images,
+                        "method_summary": method.summary(),
                         "ranks": distributed.world_size()}}
     doc = build_result(run, subsets)
     if main:
