@@ -36,6 +36,15 @@ class Listable(str, Enum):
     templates = "templates"
     perturbations = "perturbations"
     datasets = "datasets"
+    presets = "presets"
+
+
+def explicit_flags(ctx: typer.Context, keys) -> set[str]:
+    """The parameters of `keys` the user gave on the command line (``learner_opt`` for
+    ``learner_options``), not left at their defaults: those win over a preset."""
+    names = {"learner_options": "learner_opt", "method_options": "method_opt"}
+    sources = {k: ctx.get_parameter_source(names.get(k, k)) for k in keys}
+    return {k for k, source in sources.items() if source is not None and source.name != "DEFAULT"}
 
 
 def output_path(template: str, **fields: str) -> Path:
@@ -234,6 +243,7 @@ def evaluate(
 
 @app.command()
 def train(
+    ctx: typer.Context,
     method: Annotated[str, typer.Option(help="Training method (promptbench list methods).")] = "erm",
     learner: Annotated[str, typer.Option(help="Learner to train (promptbench list learners).")] = "coop",
     model: Annotated[str, typer.Option(help="open_clip architecture name, model-config JSON path, or toy-clip.")] = "toy-clip",
@@ -263,6 +273,7 @@ def train(
     output: Annotated[str, typer.Option(help="Run folder; fields {method} {learner} {dataset} {seed} {shots}.")] = "runs/{method}__{learner}__{dataset}__seed{seed}",
     overwrite: Annotated[bool, typer.Option(help="Replace a finished run in the output folder.")] = False,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run with the same options and --output from its last finished epoch.")] = False,
+    preset: Annotated[Optional[str], typer.Option(help="A paper's published configuration (promptbench list presets); explicit flags override it.")] = None,
 ) -> None:
     """Train a learner with a method on a few-shot split, then evaluate it on base and new classes.
 
@@ -278,6 +289,20 @@ def train(
     from .train.run import TrainRequest, run_training
     from .wordings import protocol_for
 
+    learner_options, method_options = split_pairs(learner_opt, "--learner-opt"), split_pairs(method_opt, "--method-opt")
+    preset_record = None
+    if preset:
+        from .presets import apply_preset, check_init
+
+        given = {"method": method, "learner": learner, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+                 "warmup_epochs": warmup_epochs, "shots": shots, "subset": subset, "model": model,
+                 "pretrained": pretrained, "learner_options": learner_options, "method_options": method_options}
+        merged, preset_record = apply_preset(preset, given, explicit_flags(ctx, given))
+        check_init(preset, init)
+        method, learner, epochs, batch_size, lr = (merged[k] for k in ("method", "learner", "epochs", "batch_size", "lr"))
+        warmup_epochs, shots, subset, model, pretrained = (
+            merged[k] for k in ("warmup_epochs", "shots", "subset", "model", "pretrained"))
+        learner_options, method_options = merged["learner_options"], merged["method_options"]
     METHODS.get(method)  # unknown names fail before anything loads
     if init is None:
         LEARNERS.get(learner)
@@ -287,7 +312,8 @@ def train(
         method=method, learner=learner if init is None else "", model=model, pretrained=pretrained,
         dataset=dataset[0] if len(dataset) == 1 else dataset,
         shots=shots, subset=subset, output=str(folder), init=str(init) if init else None,
-        learner_options=split_pairs(learner_opt, "--learner-opt"), method_options=split_pairs(method_opt, "--method-opt"),
+        learner_options=learner_options if init is None else {}, method_options=method_options,
+        preset=preset_record,
         config=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, warmup_epochs=warmup_epochs,
                            accumulate=accumulate, seed=seed, amp=amp, num_workers=num_workers),
         eval_templates=eval_templates, eval_perturb=eval_perturb, bootstrap=bootstrap, device=device,
@@ -412,6 +438,7 @@ def compare(
     skip_existing: Annotated[bool, typer.Option(help="Reuse finished runs (resume an interrupted sweep).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Rerun finished runs.")] = False,
     plot: Annotated[bool, typer.Option(help="Write PNG figures into the report (needs the [plot] extra).")] = False,
+    preset: Annotated[list[str], typer.Option("--preset", help="Add a paper's configuration as a sweep entry (promptbench list presets), repeatable.")] = [],
 ) -> None:
     """Run methods x learners x datasets x seeds and report them side by side, with paired tests."""
     from .compare.grid import load_groups, run_grid
@@ -430,6 +457,9 @@ def compare(
              "bootstrap": bootstrap, "model": model, "pretrained": pretrained, "device": device, "output": output,
              "reference": reference, "wordings": wordings}
     values.update({k: v for k, v in flags.items() if v not in (None, [])})
+    for name in preset:  # an entry of its own, as `[method.NAME] preset = "NAME"` in a sweep file
+        values["methods"] = [*values.get("methods", []), name]
+        values.setdefault("method", {}).setdefault(name, {})["preset"] = name
     spec = build_sweep(values)
 
     def announce(record) -> None:
@@ -496,6 +526,14 @@ def list_(
         for op in OPS:
             out.print(f"{op:<10} {'(default)' if op in DEFAULT_OPS else ''}")
         out.print("levels: " + ", ".join(f"{k}={v}" for k, v in LEVELS.items()) + "; or any rate in [0, 1], e.g. drop:0.3")
+    elif what is Listable.presets:
+        from .presets import PRESETS
+
+        for p in PRESETS.values():
+            out.print(f"{p.name:<24} {p.summary}", highlight=False, soft_wrap=True)
+            out.print(f"{'':<24} values: {json.dumps(p.values())}", highlight=False, soft_wrap=True)
+            out.print(f"{'':<24} source: {p.source}" + ("; needs --init META" if p.needs_init else ""),
+                      highlight=False, soft_wrap=True)
     else:
         from .data import SOURCES
 

@@ -106,11 +106,12 @@ def train_run(sweep: Sweep, spec: RunSpec, folder: Path, run_info: dict[str, Any
     from ..train.run import TrainRequest, run_training
 
     settings = sweep.settings(spec.method)
-    config = TrainConfig(epochs=settings.epochs or sweep.epochs, batch_size=sweep.batch_size,
+    config = TrainConfig(epochs=settings.epochs or sweep.epochs, batch_size=settings.batch_size or sweep.batch_size,
                          lr=settings.lr if settings.lr is not None else sweep.lr, seed=spec.seed)
     request = TrainRequest(method=sweep.registered(spec.method), learner=spec.learner, model=sweep.model, pretrained=sweep.pretrained,
                            dataset=spec.dataset, shots=sweep.shots, subset="base", output=str(folder),
-                           method_options=dict(settings.options), config=config, eval_templates=sweep.templates,
+                           method_options=dict(settings.options), learner_options=dict(settings.learner_options),
+                           preset=settings.preset_record, config=config, eval_templates=sweep.templates,
                            wordings=sweep.wording_protocol(),
                            eval_perturb=sweep.perturb, bootstrap=sweep.bootstrap, device=sweep.device,
                            overwrite=True)

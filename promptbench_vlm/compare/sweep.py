@@ -29,13 +29,20 @@ MULTI_TEMPLATE_CONTROL = "erm-multi"
 class MethodSettings:
     """Per-method overrides from a ``[method.NAME]`` table: some methods need other budgets, or
     fit other learners (PromptSRC trains IVLP only). With `method`, NAME is a label of its own
-    for a registered method with these options (the Promise ladder's ``promise-plain``)."""
+    for a registered method with these options (the Promise ladder's ``promise-plain``). With
+    `preset` (``presets.PRESETS``), the preset's method, learner, options, epochs, batch size and
+    rate fill what the table does not set (the sweep's backbone, shots and data stay the sweep's);
+    `preset_record` is what the runs record."""
 
     method: str | None = None
     learners: list[str] | None = None
     epochs: int | None = None
     lr: float | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    preset: str | None = None
+    batch_size: int | None = None
+    learner_options: dict[str, Any] = field(default_factory=dict)
+    preset_record: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -164,15 +171,19 @@ def build_sweep(values: dict[str, Any]) -> Sweep:
         raise UserError("sweep key 'method' must be tables: [method.NAME] with method, learners, epochs, lr, options")
     for name in kwargs["methods"]:
         if name != ZEROSHOT:  # an unknown name lists the registered ones
-            entry = tables.get(name)
-            METHODS.get(entry["method"] if isinstance(entry, dict) and "method" in entry else name)
+            entry = tables.get(name) if isinstance(tables.get(name), dict) else {}
+            if "method" not in entry and "preset" in entry:
+                from ..presets import get_preset
+
+                entry = {"method": get_preset(str(entry["preset"])).method}
+            METHODS.get(entry.get("method", name))
     if name_errors := [n for n in kwargs.get("learners", []) if n not in LEARNERS.names()]:
         raise unknown_name_error("learner", name_errors[0], LEARNERS.names())
     kwargs["method"] = {}
     for name, table in tables.items():
         if name not in kwargs["methods"]:
             raise unknown_name_error("method in [method.NAME] (not in 'methods')", name, kwargs["methods"])
-        allowed = {f.name for f in fields(MethodSettings)}
+        allowed = {f.name for f in fields(MethodSettings)} - {"preset_record"}
         if not isinstance(table, dict) or set(table) - allowed:
             raise UserError(f"[method.{name}] may set only {', '.join(sorted(allowed))}; got {table!r}")
         learners = table.get("learners")
@@ -183,18 +194,44 @@ def build_sweep(values: dict[str, Any]) -> Sweep:
             if bad := [n for n in learners if n not in LEARNERS.names()]:
                 raise unknown_name_error("learner", bad[0], LEARNERS.names())
         registered = _typed(f"method.{name}.method", table["method"], str) if "method" in table else None
-        kwargs["method"][name] = MethodSettings(
+        preset = _typed(f"method.{name}.preset", table["preset"], str) if "preset" in table else None
+        if preset and registered is None:
+            from ..presets import get_preset
+
+            registered = get_preset(preset).method
+        settings = MethodSettings(
             method=registered,
             learners=learners,
             epochs=_typed(f"method.{name}.epochs", table["epochs"], int) if "epochs" in table else None,
             lr=_typed(f"method.{name}.lr", table["lr"], float) if "lr" in table else None,
             options=check_method_options(registered or name,
-                                         _typed(f"method.{name}.options", table.get("options", {}), dict)))
+                                         _typed(f"method.{name}.options", table.get("options", {}), dict)),
+            preset=preset,
+            batch_size=_typed(f"method.{name}.batch_size", table["batch_size"], int) if "batch_size" in table else None,
+            learner_options=_typed(f"method.{name}.learner_options", table.get("learner_options", {}), dict))
+        kwargs["method"][name] = with_preset(settings) if settings.preset else settings
     sweep = Sweep(**kwargs)
     if sweep.epochs < 1 or sweep.shots < 0 or sweep.bootstrap < 0 or sweep.batch_size < 1:
         raise UserError("sweep: epochs and batch_size must be >= 1, shots and bootstrap >= 0")
     sweep.wording_protocol()  # an unknown wordings mode fails here
     return sweep
+
+
+def with_preset(settings: MethodSettings) -> MethodSettings:
+    """`settings` with its preset's values where the table sets none, and the preset record."""
+    from dataclasses import replace
+
+    from ..presets import apply_preset
+
+    given = {"method": settings.method, "learner": settings.learners[0] if settings.learners else None,
+             "epochs": settings.epochs, "batch_size": settings.batch_size, "lr": settings.lr,
+             "learner_options": settings.learner_options, "method_options": settings.options}
+    explicit = {k for k, v in given.items() if v not in (None, {})}
+    merged, record = apply_preset(settings.preset, given, explicit)
+    return replace(settings, method=merged["method"], learners=settings.learners or [merged["learner"]],
+                   epochs=merged["epochs"], batch_size=merged["batch_size"], lr=merged["lr"],
+                   options=merged["method_options"], learner_options=merged["learner_options"],
+                   preset_record=record)
 
 
 def missing(method: str, learner: str) -> list[str]:

@@ -69,6 +69,7 @@ class TrainRequest:
     resume: bool = False
     fewshot_cache: str | None = str(DEFAULT_CACHE)
     dataset_options: DatasetOptions = field(default_factory=DatasetOptions)
+    preset: dict[str, Any] | None = None  # the preset's name, source, values and what the flags overrode
 
 
 def check_request(request: TrainRequest) -> None:
