@@ -527,6 +527,8 @@ def list_(
             out.print(f"{op:<10} {'(default)' if op in DEFAULT_OPS else ''}")
         out.print("levels: " + ", ".join(f"{k}={v}" for k, v in LEVELS.items()) + "; or any rate in [0, 1], e.g. drop:0.3")
     elif what is Listable.presets:
+        import json
+
         from .presets import PRESETS
 
         for p in PRESETS.values():
