@@ -94,3 +94,12 @@ def test_a_sweep_entry_takes_a_preset_under_its_own_settings():
     assert src.options["gpa_mean"] == 15.0 and src.learner_options["n_ctx_v"] == 4
     runs, _ = plan(sweep)
     assert {(r.method, r.learner) for r in runs} >= {("maple-b2n", "maple"), ("src", "ivlp")}
+
+
+def test_every_preset_option_is_a_declared_option():
+    from promptbench_vlm.learners import check_learner_options
+    from promptbench_vlm.train.method import check_method_options
+
+    for preset in PRESETS.values():
+        check_method_options(preset.method, preset.method_options)
+        check_learner_options(preset.learner, preset.learner_options)

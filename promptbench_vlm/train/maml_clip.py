@@ -35,8 +35,11 @@ from ..perturb import fill_template
 from .loop import ProgressFn, TrainConfig, TrainingDiverged, TrainOutcome
 from .maml_tasks import draw_batches, images_by_class, partition_classes, split_task
 from .method import TrainingMethod
+from .promptsrc import frozen_text_target, self_regulated_loss
 
 Params = dict[str, torch.Tensor]
+REGULATION = {"text": 25.0, "image": 10.0, "kl": 1.0}
+"""PromptSRC's loss weights (its configs' TEXT/IMAGE_LOSS_WEIGHT, and 1 for the KL term)."""
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -46,7 +49,8 @@ class MAMLClipOptions:
 
     inner_lr: float | None = option(None, "Inner rate alpha; none: 0.025/6, or 0.02/6 for deep-prompt learners.")
     inner_steps: int = option(4, "Inner updates per task.")
-    inner_batch: int = option(32, "Support images per inner step; 0 = the whole support set.")
+    inner_batch: int | None = option(None, "Support images per inner step; 0 = the whole support set; none: 32, "
+                                     "8 for image-conditional learners (MP-CoCoOp).")
     query_batch: int | None = option(None, "Query images in the outer loss; none: as inner_batch; 0 = the whole set.")
     support_shots: int = option(5, "K, support shots per class; the query takes the class's other few-shot images.")
     task_classes: int | None = option(None, "Classes per task; none: 5 with one --dataset, 0 (a whole dataset) with "
@@ -56,6 +60,9 @@ class MAMLClipOptions:
     first_order: bool = option(False, "Drop the second-order term (FOMAML).")
     optimizer: Literal["adam", "sgd"] = option("adam", "The outer optimiser: adam (the paper) or plain sgd.")
     template: str = option("{}.", "The training template ({} = class name).")
+    loss: Literal["ce", "promptsrc"] = option("ce", "The task loss, inner and outer: cross-entropy, or PromptSRC's "
+                                              "self-regulated loss (MP-PromptSRC; weights 25, 10, 1).")
+    frozen_templates: str = option("promptsrc60", "With loss=promptsrc: template set of the frozen text target.")
 
 
 @dataclass
@@ -141,15 +148,22 @@ class MAMLClip(TrainingMethod):
     name = "maml-clip"
     Options = MAMLClipOptions
     lr = 0.001
+    template_options = ("frozen_templates",)
 
     def __init__(self, learner: PromptLearner, classnames: list[str], **options: Any):
         super().__init__(learner, classnames, **options)
         c = self.config
         inner_lr = default_inner_lr(learner) if c.inner_lr is None else c.inner_lr
-        query_batch = c.inner_batch if c.query_batch is None else c.query_batch
-        self.options.update(inner_lr=inner_lr, query_batch=query_batch)  # recorded resolved
-        _check_options(inner_lr, c.inner_steps, c.inner_batch, query_batch, c.support_shots, c.task_classes,
+        inner_batch = (8 if learner.conditional else 32) if c.inner_batch is None else c.inner_batch
+        query_batch = inner_batch if c.query_batch is None else c.query_batch
+        self.options.update(inner_lr=inner_lr, inner_batch=inner_batch, query_batch=query_batch)  # recorded resolved
+        _check_options(inner_lr, c.inner_steps, inner_batch, query_batch, c.support_shots, c.task_classes,
                        c.meta_batch, c.clip_norm)
+        self.regulated = c.loss == "promptsrc"
+        if self.regulated:  # MP-PromptSRC: each task's loss is PromptSRC's, on its own classes
+            self.register_buffer("frozen_text", frozen_text_target(learner, self.classnames, c.frozen_templates),
+                                 persistent=False)
+            self.class_of = {fill_template(c.template, name)[0]: i for i, name in enumerate(self.classnames)}
         self.inner_lr, self.inner_steps, self.clip_norm = inner_lr, c.inner_steps, c.clip_norm
         self.first_order, self.template = c.first_order, c.template
 
@@ -167,8 +181,14 @@ class MAMLClip(TrainingMethod):
             text = learner.encode_texts(texts, image_features=feats)  # [B, C, D]
             logits = learner.logit_scale * torch.einsum("bd,bcd->bc", feats, text)
         else:
-            logits = learner.logit_scale * feats @ learner.encode_texts(texts).T
-        return F.cross_entropy(logits, labels)
+            text = learner.encode_texts(texts)
+            logits = learner.logit_scale * feats @ text.T
+        if not self.regulated:
+            return F.cross_entropy(logits, labels)
+        with torch.no_grad():
+            frozen = F.normalize(learner.clip.encode_image(inputs), dim=-1) if learner.image_side_learned else inputs
+        target = self.frozen_text[torch.as_tensor([self.class_of[t] for t in texts], device=text.device)]
+        return self_regulated_loss(logits, labels, text, feats, target, frozen, learner.logit_scale, REGULATION)[0]
 
     def task_loss(self, point: Params, batch: Batch, texts: list[str]) -> torch.Tensor:
         """The loss of `batch` with the learner's parameters set to `point`."""

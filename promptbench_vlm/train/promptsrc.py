@@ -45,6 +45,46 @@ def gaussian_epoch_weights(epochs: int, mean: float, std: float) -> list[float]:
     return [w / total for w in raw]
 
 
+@torch.no_grad()
+def frozen_text_target(learner: PromptLearner, classnames: list[str], templates: str) -> torch.Tensor:
+    """Per class ``[C, D]``: the mean over the template set's prompts of the frozen backbone's
+    raw text features, normalised after averaging (the reference's ``fixed_embeddings``)."""
+    feats = []
+    for classname in classnames:
+        ids = learner.tokenize([fill_template(t, classname)[0] for t in load_templates(templates).templates])
+        feats.append(learner.clip.encode_text(ids).mean(0))
+    return F.normalize(torch.stack(feats), dim=-1)
+
+
+def self_regulated_loss(logits: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, image: torch.Tensor,
+                        frozen_text: torch.Tensor, frozen_image: torch.Tensor, logit_scale: torch.Tensor,
+                        weights: dict[str, float]) -> tuple[torch.Tensor, dict[str, float]]:
+    """PromptSRC's loss: CE + L1(text, frozen text) + L1(image, frozen image) + KL(zero-shot || prompted).
+
+    Args:
+        logits: Prompted logits ``[B, C]``.
+        labels: ``[B]``.
+        text: Prompted normalised class text features ``[C, D]`` (or per image ``[B, C, D]``).
+        image: Prompted normalised image features ``[B, D]``.
+        frozen_text: The frozen target ``[C, D]`` of the same classes.
+        frozen_image: The frozen backbone's normalised image features ``[B, D]``.
+        logit_scale: CLIP's temperature, exp'd.
+        weights: ``text``, ``image`` and ``kl`` weights (the reference's 25, 10, 1).
+
+    Returns:
+        The loss and its terms (and the batch accuracy) for the log.
+    """
+    zero_shot = logit_scale * frozen_image @ frozen_text.T
+    ce = F.cross_entropy(logits, labels)
+    l_text = (text - frozen_text).abs().mean() * weights["text"]
+    l_image = (image - frozen_image).abs().mean() * weights["image"]
+    l_kl = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(zero_shot, 1), reduction="sum", log_target=True)
+    l_kl = l_kl / logits.numel() * weights["kl"]
+    loss = ce + l_text + l_image + l_kl
+    return loss, {"ce": ce.item(), "l1_text": l_text.item(), "l1_image": l_image.item(), "kl": l_kl.item(),
+                  "acc": (logits.argmax(1) == labels).float().mean().item() * 100}
+
+
 class PromptSRC(ERM):
     """PromptSRC's losses on a learner with a learned image side (the paper's IVLP; MaPLe fits
     too), options in `PromptSRCOptions`; the reference configs' IVLP has 4 + 4 tokens
@@ -64,35 +104,17 @@ class PromptSRC(ERM):
         self.weights = {"text": c.text_weight, "image": c.image_weight, "kl": c.kl_weight}
         self.gpa = c.gpa
         self.gpa_mean, self.gpa_std = c.gpa_mean, c.gpa_std
-        self.register_buffer("frozen_text", self._frozen_text_target(load_templates(c.frozen_templates).templates),
+        self.register_buffer("frozen_text", frozen_text_target(learner, self.classnames, c.frozen_templates),
                              persistent=False)
         self._aggregate: dict[str, torch.Tensor] = {}
-
-    @torch.no_grad()
-    def _frozen_text_target(self, templates: tuple[str, ...]) -> torch.Tensor:
-        """Per class, the mean over templates of the frozen backbone's raw text features,
-        normalised after averaging (the reference's ``fixed_embeddings``)."""
-        clip = self.learner.clip
-        feats = []
-        for classname in self.classnames:
-            ids = self.learner.tokenize([fill_template(t, classname)[0] for t in templates])
-            feats.append(clip.encode_text(ids).mean(0))
-        return F.normalize(torch.stack(feats), dim=-1)
 
     def loss(self, images, labels, image_features=None):
         image_feats = self.learner.encode_images(images)
         logits, text = self.logits(image_feats)
         with torch.no_grad():
             frozen_image = F.normalize(self.learner.clip.encode_image(images), dim=-1)
-            zero_shot = self.learner.logit_scale * frozen_image @ self.frozen_text.T
-        ce = F.cross_entropy(logits, labels)
-        l_text = F.l1_loss(text, self.frozen_text) * self.weights["text"]
-        l_image = F.l1_loss(image_feats, frozen_image) * self.weights["image"]
-        l_kl = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(zero_shot, 1), reduction="sum", log_target=True)
-        l_kl = l_kl / logits.numel() * self.weights["kl"]
-        loss = ce + l_text + l_image + l_kl
-        return loss, {"ce": ce.item(), "l1_text": l_text.item(), "l1_image": l_image.item(), "kl": l_kl.item(),
-                      "acc": (logits.argmax(1) == labels).float().mean().item() * 100}
+        return self_regulated_loss(logits, labels, text, image_feats, self.frozen_text, frozen_image,
+                                   self.learner.logit_scale, self.weights)
 
     def on_epoch_end(self, epoch: int, epochs: int) -> None:
         """Add this epoch's prompt weights to the Gaussian-weighted aggregate."""
