@@ -1,27 +1,30 @@
-"""Feature cache and torchrun data parallelism, as ratios measured in one run (no pass/fail).
+"""Feature cache and torchrun data parallelism, as ratios (no pass/fail).
 
-1. Cache: the default evaluation (toy-clip on the toy-shapes test split, 60 templates, 4 ops x
-   2 levels, bootstrap 1000) timed in-process with an empty feature cache (cold), then again
-   with the cache it filled (warm). Target: warm / cold at most 0.3.
+1. Cache: the default evaluation (toy-clip on the toy-shapes test split, 60 templates, the
+   default perturbations, bootstrap 1000) as a whole command with an empty feature cache (cold),
+   then again with the cache it filled (warm), interleaved over repetitions, each with a fresh
+   cache folder; the same in-process. The warm command's time is split into start-up (interpreter
+   and imports), model and data set-up, and the evaluator's stages, from its result file: what
+   remains when nothing is encoded. Target: warm / cold <= 0.5.
 2. Data parallelism on the CPU: the same evaluation as a command (``--no-cache``), once as one
-   process and once under ``torchrun --nproc-per-node 2`` (gloo), wall time of each including
-   start-up. The single process runs with all the cores' threads and with one (the faster
-   counts: on a busy machine extra threads can slow it down); each of the two ranks gets half.
+   process and once under ``torchrun --nproc-per-node 2`` (gloo), each rank and the single
+   process with ``OMP_NUM_THREADS`` threads (default 1); wall time and CPU time (user + system
+   of all processes), start-up included. Target: CPU time 2 ranks / 1 process <= 1.15.
 
-Run: python benchmarks/bench_scale.py [--skip-torchrun]
+Ratios are medians of interleaved repetitions with their range.
+
+Run: python benchmarks/bench_scale.py [--repeats 3] [--skip-torchrun]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
+import json
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-import torch
 
 from promptbench_vlm.backbone import load_backbone
 from promptbench_vlm.cache import FeatureCache
@@ -30,51 +33,82 @@ from promptbench_vlm.evaluate import EvalSettings, Evaluator
 from promptbench_vlm.learners import build_learner
 from promptbench_vlm.perturb import parse_perturbations
 from promptbench_vlm.templates import load_templates
+from timing import CommandTime, Ratio, interleaved, machine_note, median_s, run_command, threads_from_env  # benchmarks/
+
+MODULE = ["-m", "promptbench_vlm"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 
 
-def cache_ratio(threads: int) -> None:
-    torch.set_num_threads(threads)
+def evaluate_command(output: Path, *extra: str, launcher: tuple[str, ...] = (sys.executable,)) -> list[str]:
+    """``promptbench evaluate`` as ``python -m promptbench_vlm`` (what torchrun starts per rank)."""
+    return [*launcher, *MODULE, "evaluate", "--device", "cpu", "--output", str(output), *extra]
+
+
+def cache_ratio_in_process(repeats: int) -> None:
     learner = build_learner("zeroshot", load_backbone("toy-clip", device="cpu"))
     settings = EvalSettings(templates=load_templates().templates, perturbations=tuple(parse_perturbations("default")))
+    dataset = load_dataset("toy-shapes")
     Evaluator(learner, settings).run(load_dataset("toy-shapes", subset="new"))  # warm-up: lexicon, threads
+    cold, warm, stages = [], [], []
+    for _ in range(repeats):
+        with tempfile.TemporaryDirectory() as folder:
+            for times in (cold, warm):
+                start = time.perf_counter()
+                result = Evaluator(learner, settings, cache=FeatureCache(folder), split="test").run(dataset)
+                times.append(time.perf_counter() - start)
+            stages.append(result.timings)
+    print(f"[cache] in-process: cold {median_s(cold)}, warm {median_s(warm)}; warm stages (median s): " + ", ".join(
+        f"{k} {statistics.median(st[k] for st in stages):.2f}" for k in stages[0]))
+    print(f"[cache] RATIO in-process warm / cold = {Ratio.of(warm, cold)}")
+
+
+def cache_ratio_commands(repeats: int) -> None:
+    cold: list[CommandTime] = []
+    warm: list[CommandTime] = []
+    profile = []
+    for _ in range(repeats):
+        with tempfile.TemporaryDirectory() as folder:
+            args = evaluate_command(Path(folder) / "result.json", "--cache-dir", str(Path(folder) / "cache"))
+            cold.append(run_command(args))
+            warm.append(run_command(args))
+            doc = json.loads((Path(folder) / "result.json").read_text())
+            body = doc["subsets"]["all"]
+            profile.append((warm[-1].wall - doc["run"]["wall_time_s"], doc["run"]["wall_time_s"], body["timings"],
+                            body["counts"]))
+    print(f"[cache] whole command: cold {median_s([c.wall for c in cold])}, warm {median_s([w.wall for w in warm])} "
+          f"(counts of the warm run: {profile[-1][3]})")
+    start_up = statistics.median(p[0] for p in profile)
+    body_s = statistics.median(p[1] for p in profile)
+    stage_s = {k: statistics.median(p[2][k] for p in profile) for k in profile[0][2]}
+    print(f"[cache] warm command profile (median s): interpreter start-up and imports {start_up:.2f}, model/data "
+          f"set-up and output {body_s - sum(stage_s.values()):.2f}, evaluator stages " +
+          ", ".join(f"{k} {v:.2f}" for k, v in stage_s.items()))
+    print(f"[cache] RATIO whole-command warm / cold = {Ratio.of([w.wall for w in warm], [c.wall for c in cold])}"
+          "  (target <= 0.5)")
+
+
+def torchrun_ratio(repeats: int, threads: int) -> None:
     with tempfile.TemporaryDirectory() as folder:
-        times, counts = [], []
-        for _ in ("cold", "warm"):
-            start = time.perf_counter()
-            evaluator = Evaluator(learner, settings, cache=FeatureCache(folder), split="test")
-            result = evaluator.run(load_dataset("toy-shapes"))
-            times.append(time.perf_counter() - start)
-            counts.append(result.counts)
-    print(f"[cache] cold {times[0]:.2f} s {counts[0]}")
-    print(f"[cache] warm {times[1]:.2f} s {counts[1]}")
-    print(f"[cache] ratio warm / cold = {times[1] / times[0]:.2f}  (target <= 0.3)")
-
-
-def command_seconds(prefix: list[str], threads: int, output: Path) -> float:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    args = [*prefix, "evaluate", "--no-cache", "--device", "cpu", "--output", str(output)]
-    start = time.perf_counter()
-    subprocess.run(args, check=True, env=env, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - start
-
-
-def torchrun_ratio(threads: int) -> None:
-    with tempfile.TemporaryDirectory() as folder:
-        single = {n: command_seconds([sys.executable, "-m", "promptbench_vlm"], n, Path(folder) / f"one{n}.json")
-                  for n in sorted({threads, 1})}
-        two = command_seconds([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                               "-m", "promptbench_vlm"], max(1, threads // 2), Path(folder) / "two.json")
-    one = min(single.values())
-    print("[torchrun] 1 process: " + ", ".join(f"{n} thread(s) {t:.1f} s" for n, t in single.items()))
-    print(f"[torchrun] 2 processes ({max(1, threads // 2)} thread(s) each): {two:.1f} s")
-    print(f"[torchrun] ratio 2-process / best 1-process = {two / one:.2f}  (CPU, gloo, start-up included)")
+        one = evaluate_command(Path(folder) / "one.json", "--no-cache")
+        two = evaluate_command(Path(folder) / "two.json", "--no-cache", launcher=tuple(TORCHRUN))
+        times = interleaved({"one": lambda: run_command(one), "two": lambda: run_command(two)}, repeats)
+    walls = {k: [t.wall for t in v] for k, v in times.items()}
+    cpus = {k: [t.cpu for t in v] for k, v in times.items()}
+    print(f"[torchrun] {threads} thread(s) per process: 1 process wall {median_s(walls['one'])}, CPU "
+          f"{median_s(cpus['one'])}; 2 ranks (gloo) wall {median_s(walls['two'])}, CPU {median_s(cpus['two'])}")
+    print(f"[torchrun] RATIO wall 2 ranks / 1 process = {Ratio.of(walls['two'], walls['one'])}")
+    print(f"[torchrun] RATIO CPU time 2 ranks / 1 process = {Ratio.of(cpus['two'], cpus['one'])}  (target <= 1.15)")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-torchrun", action="store_true")
     args = parser.parse_args()
-    cache_ratio(args.threads)
+    threads = threads_from_env()
+    print(f"[machine] {machine_note()}; torch threads {threads}")
+    cache_ratio_in_process(args.repeats)
+    cache_ratio_commands(args.repeats)
     if not args.skip_torchrun:
-        torchrun_ratio(args.threads)
+        torchrun_ratio(args.repeats, threads)
+    print(f"[machine] at the end: {machine_note()}")

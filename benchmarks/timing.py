@@ -1,0 +1,93 @@
+"""What every benchmark script shares: thread count, interleaved repetitions, ratio summaries,
+whole-command timings.
+
+Ratios are medians over interleaved repetitions (A, B, A, B, ...), each repetition giving one
+ratio, reported with the range of those ratios: other jobs on the machine slow both sides of a
+pair alike, so the median of per-pair ratios is far steadier than a ratio of two single timings.
+The thread count comes from ``OMP_NUM_THREADS`` (default 1): a fixed count of 2 made figures
+depend on load (on a busy 2-core machine 2 threads were 4-50x slower than 1).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+def threads_from_env() -> int:
+    """``OMP_NUM_THREADS`` if set, else 1; applied to torch so the figure says what it ran with."""
+    threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # for child commands too
+    torch.set_num_threads(threads)
+    return threads
+
+
+def seconds(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def interleaved(fns: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
+    """Run each fn once per repetition, in turn; each returns its own measurement (seconds)."""
+    out: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            out[name].append(fn())
+    return out
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """Median and range of per-repetition ratios a / b."""
+
+    median: float
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, a: Sequence[float], b: Sequence[float]) -> Ratio:
+        ratios = [x / y for x, y in zip(a, b, strict=True)]
+        return cls(statistics.median(ratios), min(ratios), max(ratios))
+
+    def __str__(self) -> str:
+        return f"{self.median:.2f} (range {self.low:.2f}-{self.high:.2f})"
+
+
+def median_s(values: Sequence[float]) -> str:
+    return f"{statistics.median(values):.2f} s"
+
+
+@dataclass(frozen=True)
+class CommandTime:
+    """Wall and CPU seconds (user + system, children included) of one command."""
+
+    wall: float
+    cpu: float
+
+
+def run_command(args: Sequence[str], env: dict[str, str] | None = None) -> CommandTime:
+    """Run a command to completion (output discarded); fail loudly if it fails."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    proc = subprocess.run(list(args), env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return CommandTime(wall, cpu)
+
+
+def machine_note() -> str:
+    """Cores and the load average when the script ran: how loaded the figures' machine was."""
+    load = os.getloadavg()
+    return f"{os.cpu_count()} cores, load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1 / 5 / 15 min)"
