@@ -260,8 +260,9 @@ def text_features(
 ) -> tuple[torch.Tensor, int, int]:
     """Features ``[M, D]`` of unique prompt strings, from the cache where present.
 
-    The strings still missing are split in contiguous blocks across ranks and encoded in
-    segments of `cache.SEGMENT_TEXTS`, each written to the cache as soon as it is done.
+    The strings still missing are put in order of length, dealt round robin to the ranks and
+    encoded in segments of `cache.SEGMENT_TEXTS`, each written to the cache as soon as it is
+    done (`encode_texts` orders each segment by exact token count).
 
     Returns:
         The features (float32, on the learner's device), the number of strings encoded (over
@@ -271,9 +272,10 @@ def text_features(
     found = cache.load_texts(key, texts) if cache else {}
     # every rank must agree on what is missing, whatever it found (entries may appear meanwhile)
     missing_anywhere = set().union(*distributed.gather({t for t in texts if t not in found}))
-    missing = [t for t in texts if t in missing_anywhere]
+    # in length order, so that segments (and the batches in them) hold strings of similar length
+    missing = sorted((t for t in texts if t in missing_anywhere), key=len)
     n_cached = len(texts) - len(missing)
-    block = [missing[i] for i in distributed.shard_range(len(missing))]
+    block = distributed.shard(missing)  # round robin: every rank gets the same mix of lengths
     encoded: list[torch.Tensor] = []
     for s0 in range(0, len(block), SEGMENT_TEXTS):
         segment = block[s0 : s0 + SEGMENT_TEXTS]
