@@ -49,7 +49,7 @@ from promptbench_vlm.learners.base import PromptLearner
 from promptbench_vlm.perturb import load_lexicon, parse_perturbations
 from promptbench_vlm.prompts import build_prompt_table, prompt_table
 from promptbench_vlm.templates import load_templates
-from timing import Ratio, interleaved, machine_note, median_s, run_command, seconds, threads_from_env  # benchmarks/
+from timing import interleaved, machine_note, measure, ratios, run_command, threads_from_env, timing_s  # benchmarks/
 
 
 def trimmed_encode_text(model, ids: torch.Tensor) -> torch.Tensor:
@@ -62,10 +62,10 @@ def trimmed_encode_text(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def floor_seconds(backbone, dataset, texts: list[str], batch_size: int, text_batch_size: int) -> float:
+def floor_pass(backbone, dataset, texts: list[str], batch_size: int, text_batch_size: int) -> None:
     """One image-encoder pass per image and one trimmed text-encoder pass per unique prompt: every
     string tokenised once, all sequences batched in token-length order."""
-    model, start = backbone.model, time.perf_counter()
+    model = backbone.model
     for i0 in range(0, len(dataset), batch_size):
         images = [backbone.preprocess(dataset.load(i)) for i in range(i0, min(i0 + batch_size, len(dataset)))]
         model.encode_image(torch.stack(images))
@@ -73,7 +73,6 @@ def floor_seconds(backbone, dataset, texts: list[str], batch_size: int, text_bat
     ids = ids[ids.argmax(dim=-1).argsort(stable=True)]
     for t0 in range(0, len(ids), text_batch_size):
         trimmed_encode_text(model, ids[t0 : t0 + text_batch_size])
-    return time.perf_counter() - start
 
 
 def default_settings() -> EvalSettings:
@@ -84,7 +83,7 @@ def floor_command(texts_file: str) -> None:
     """The floor as a command: imports, model load, the floor's encodes (run as a subprocess)."""
     threads_from_env()
     s = default_settings()
-    floor_seconds(load_backbone("toy-clip", device="cpu"), load_dataset("toy-shapes"),
+    floor_pass(load_backbone("toy-clip", device="cpu"), load_dataset("toy-shapes"),
                   json.loads(Path(texts_file).read_text()), s.batch_size, s.text_batch_size)
 
 
@@ -96,21 +95,20 @@ def overhead(repeats: int) -> None:
     texts = build_prompt_table(s.templates, dataset.classnames, s.perturbations, s.draws, s.seed, load_lexicon()).texts
     stages: list[dict[str, float]] = []
 
-    def evaluate() -> float:
-        start = time.perf_counter()
+    def evaluate() -> None:
         stages.append(Evaluator(learner, s).run(dataset).timings)
-        return time.perf_counter() - start
 
-    evaluate(), floor_seconds(backbone, dataset, texts, s.batch_size, s.text_batch_size)  # warm-up
-    times = interleaved({"evaluate": evaluate,
-                         "floor": lambda: floor_seconds(backbone, dataset, texts, s.batch_size, s.text_batch_size)},
-                        repeats)
+    def floor() -> None:
+        floor_pass(backbone, dataset, texts, s.batch_size, s.text_batch_size)
+
+    evaluate(), floor()  # warm-up
+    times = interleaved({"evaluate": lambda: measure(evaluate), "floor": lambda: measure(floor)}, repeats)
     print(f"[overhead] {len(dataset)} images, {len(texts)} unique prompts, {len(s.templates)} templates x "
           f"{len(s.perturbations)} perturbations, {repeats} interleaved repetitions")
-    print(f"[overhead] in-process: evaluate {median_s(times['evaluate'])}, fair floor {median_s(times['floor'])}")
-    print("[overhead] evaluate stages (median s): " + ", ".join(
+    print(f"[overhead] in-process: evaluate {timing_s(times['evaluate'])}, fair floor {timing_s(times['floor'])}")
+    print("[overhead] evaluate stages (median wall s): " + ", ".join(
         f"{k} {np.median([st[k] for st in stages]):.2f}" for k in stages[0]))
-    print(f"[overhead] RATIO in-process evaluation / fair floor = {Ratio.of(times['evaluate'], times['floor'])}"
+    print(f"[overhead] RATIO in-process evaluation / fair floor: {ratios(times['evaluate'], times['floor'])}"
           "  (target <= 1.15)")
 
     with tempfile.TemporaryDirectory() as folder:
@@ -119,11 +117,10 @@ def overhead(repeats: int) -> None:
         script = [sys.executable, str(Path(__file__).resolve()), "--floor-command", str(texts_file)]
         command = [str(Path(sys.executable).parent / "promptbench"), "evaluate", "--no-cache", "--device", "cpu",
                    "--output", str(Path(folder) / "result.json")]
-        whole = interleaved({"evaluate": lambda: run_command(command).wall,
-                             "floor": lambda: run_command(script).wall}, repeats)
-    print(f"[overhead] whole commands: promptbench evaluate {median_s(whole['evaluate'])}, floor command "
-          f"{median_s(whole['floor'])}")
-    print(f"[overhead] RATIO whole-command evaluation / floor command = {Ratio.of(whole['evaluate'], whole['floor'])}")
+        whole = interleaved({"evaluate": lambda: run_command(command), "floor": lambda: run_command(script)}, repeats)
+    print(f"[overhead] whole commands: promptbench evaluate {timing_s(whole['evaluate'])}, floor command "
+          f"{timing_s(whole['floor'])}")
+    print(f"[overhead] RATIO whole-command evaluation / floor command: {ratios(whole['evaluate'], whole['floor'])}")
 
 
 class Blank(ImageDataset):
@@ -175,15 +172,10 @@ def bootstrap_at_scale(n_images: int = 50_000, n_classes: int = 10, repeats: int
     groups += [metrics.perturbation_points(clean.pred, p, labels, c, u)
                for p, c, u in zip(scores.pert_pred, scores.text_cos, table.unchanged)]
     n_vectors = sum(len(v) for _, v in groups)
-    boot = [seconds(lambda: metrics.with_intervals(groups, n_resamples=s.bootstrap, seed=0)) for _ in range(repeats)]
-    stage = [seconds(lambda: run_metrics(scores, labels, table, s)) for _ in range(repeats)]
+    boot = [measure(lambda: metrics.with_intervals(groups, n_resamples=s.bootstrap, seed=0)) for _ in range(repeats)]
+    stage = [measure(lambda: run_metrics(scores, labels, table, s)) for _ in range(repeats)]
     print(f"[scale] N={n_images:,} images, {n_vectors} per-image vectors, {s.bootstrap} resamples: shared bootstrap "
-          f"{median_s(boot)} (range {min(boot):.2f}-{max(boot):.2f}; target < 1 s), whole metrics stage "
-          f"{median_s(stage)}")
-    whole = [seconds(lambda: Evaluator(RandomFeatureLearner(), EvalSettings(
-        templates=s.templates, perturbations=s.perturbations, batch_size=1000, text_batch_size=8192)).run(
-        Blank(n_images, n_classes))) for _ in range(1)]
-    print(f"[scale] the whole random-feature evaluation at N={n_images:,}, C={n_classes}: {median_s(whole)}")
+          f"{timing_s(boot)} (target < 1 s), the whole metrics stage {timing_s(stage)}")
 
 
 def prompt_table_at_scale(n_classes: int = 1000, repeats: int = 3) -> None:
@@ -192,14 +184,13 @@ def prompt_table_at_scale(n_classes: int = 1000, repeats: int = 3) -> None:
     lexicon = load_lexicon()
     with tempfile.TemporaryDirectory() as folder:
         cache = FeatureCache(folder)
-        start = time.perf_counter()
-        table = prompt_table(s.templates, classnames, s.perturbations, s.draws, s.seed, lexicon, cache)
-        built = time.perf_counter() - start
-        loaded = [seconds(lambda: prompt_table(s.templates, classnames, s.perturbations, s.draws, s.seed, lexicon,
+        built = measure(lambda: prompt_table(s.templates, classnames, s.perturbations, s.draws, s.seed, lexicon, cache))
+        loaded = [measure(lambda: prompt_table(s.templates, classnames, s.perturbations, s.draws, s.seed, lexicon,
                                                cache)) for _ in range(repeats)]
+        n_texts = len(prompt_table(s.templates, classnames, s.perturbations, s.draws, s.seed, lexicon, cache).texts)
     print(f"[scale] prompt table, C={n_classes:,} classes, {len(s.templates)} templates x {len(s.perturbations)} "
-          f"specs ({len(table.texts):,} unique strings): built {built:.2f} s (first run), loaded from the cache "
-          f"{median_s(loaded)} (target < 2 s)")
+          f"specs ({n_texts:,} unique strings): built {timing_s([built])} (first run), loaded from the cache "
+          f"{timing_s(loaded)} (target < 2 s)")
 
 
 def memory_check(n_images: int = 10_000, n_classes: int = 1000) -> None:

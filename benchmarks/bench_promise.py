@@ -40,7 +40,7 @@ from promptbench_vlm.learners import build_learner
 from promptbench_vlm.perturb import fill_template
 from promptbench_vlm.templates import load_templates
 from promptbench_vlm.train.method import build_method
-from timing import Ratio, interleaved, machine_note, median_s, run_command, seconds, threads_from_env  # benchmarks/
+from timing import interleaved, machine_note, measure, ratios, run_command, threads_from_env, timing_s  # benchmarks/
 
 
 def multi_template_erm_step(learner, classnames, images, labels, chunks: int, per_chunk: int,
@@ -120,24 +120,24 @@ def main() -> None:
     }
     for fn in fns.values():
         fn()  # warm-up
-    times = interleaved({k: (lambda fn=fn: seconds(fn)) for k, fn in fns.items()}, args.repeats)
+    times = interleaved({k: (lambda fn=fn: measure(fn)) for k, fn in fns.items()}, args.repeats)
     where = f"{args.learner} on {args.model}, batch {args.batch_size}, {args.repeats} interleaved repetitions"
-    print(f"[promise] {where}: median step " + ", ".join(f"{k} {median_s(v)}" for k, v in times.items()))
-    print(f"[promise] RATIO Promise / ERM step (= at equal epochs) = {Ratio.of(times['promise'], times['erm'])}")
-    print(f"[promise] RATIO Promise / multi-template ERM (erm-multi) step = "
-          f"{Ratio.of(times['promise'], times['erm-multi'])}")
-    print(f"[promise] RATIO Promise / ERM over the same {(steps + 1) * per_set} template forwards = "
-          f"{Ratio.of(times['promise'], times['erm x 120 templates'])}")
+    print(f"[promise] {where}: median step " + ", ".join(f"{k} {timing_s(v)}" for k, v in times.items()))
+    print(f"[promise] RATIO Promise / ERM step (= at equal epochs): {ratios(times['promise'], times['erm'])}")
+    print(f"[promise] RATIO Promise / multi-template ERM (erm-multi) step: "
+          f"{ratios(times['promise'], times['erm-multi'])}")
+    print(f"[promise] RATIO Promise / ERM over the same {(steps + 1) * per_set} template forwards: "
+          f"{ratios(times['promise'], times['erm x 120 templates'])}")
     if args.skip_commands:
         return
     with tempfile.TemporaryDirectory() as folder:
         commands = {m: train_command(m, args.learner, args.model, Path(folder), args.command_shots, 1)
                     for m in ("promise", "erm", "erm-multi")}
-        whole = interleaved({m: (lambda c=c: run_command(c).wall) for m, c in commands.items()}, max(1, args.repeats // 2))
+        whole = interleaved({m: (lambda c=c: run_command(c)) for m, c in commands.items()}, max(1, args.repeats // 2))
     print(f"[promise] whole train commands, {args.command_shots} shot(s), 1 epoch: " + ", ".join(
-        f"{k} {median_s(v)}" for k, v in whole.items()))
-    print(f"[promise] RATIO whole command Promise / ERM = {Ratio.of(whole['promise'], whole['erm'])}; "
-          f"Promise / erm-multi = {Ratio.of(whole['promise'], whole['erm-multi'])}")
+        f"{k} {timing_s(v)}" for k, v in whole.items()))
+    print(f"[promise] RATIO whole command Promise / ERM: {ratios(whole['promise'], whole['erm'])}")
+    print(f"[promise] RATIO whole command Promise / erm-multi: {ratios(whole['promise'], whole['erm-multi'])}")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from promptbench_vlm.backbone import load_backbone
@@ -33,7 +32,7 @@ from promptbench_vlm.evaluate import EvalSettings, Evaluator
 from promptbench_vlm.learners import build_learner
 from promptbench_vlm.perturb import parse_perturbations
 from promptbench_vlm.templates import load_templates
-from timing import CommandTime, Ratio, interleaved, machine_note, median_s, run_command, threads_from_env  # benchmarks/
+from timing import Timing, interleaved, machine_note, measure, ratios, run_command, threads_from_env, timing_s  # benchmarks/
 
 MODULE = ["-m", "promptbench_vlm"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
@@ -49,22 +48,23 @@ def cache_ratio_in_process(repeats: int) -> None:
     settings = EvalSettings(templates=load_templates().templates, perturbations=tuple(parse_perturbations("default")))
     dataset = load_dataset("toy-shapes")
     Evaluator(learner, settings).run(load_dataset("toy-shapes", subset="new"))  # warm-up: lexicon, threads
-    cold, warm, stages = [], [], []
+    cold: list[Timing] = []
+    warm: list[Timing] = []
+    stages = []
     for _ in range(repeats):
         with tempfile.TemporaryDirectory() as folder:
             for times in (cold, warm):
-                start = time.perf_counter()
-                result = Evaluator(learner, settings, cache=FeatureCache(folder), split="test").run(dataset)
-                times.append(time.perf_counter() - start)
-            stages.append(result.timings)
-    print(f"[cache] in-process: cold {median_s(cold)}, warm {median_s(warm)}; warm stages (median s): " + ", ".join(
-        f"{k} {statistics.median(st[k] for st in stages):.2f}" for k in stages[0]))
-    print(f"[cache] RATIO in-process warm / cold = {Ratio.of(warm, cold)}")
+                evaluator = Evaluator(learner, settings, cache=FeatureCache(folder), split="test")
+                times.append(measure(lambda: stages.append(evaluator.run(dataset).timings)))
+    warm_stages = stages[1::2]
+    print(f"[cache] in-process: cold {timing_s(cold)}, warm {timing_s(warm)}; warm stages (median wall s): " +
+          ", ".join(f"{k} {statistics.median(st[k] for st in warm_stages):.2f}" for k in warm_stages[0]))
+    print(f"[cache] RATIO in-process warm / cold: {ratios(warm, cold)}")
 
 
 def cache_ratio_commands(repeats: int) -> None:
-    cold: list[CommandTime] = []
-    warm: list[CommandTime] = []
+    cold: list[Timing] = []
+    warm: list[Timing] = []
     profile = []
     for _ in range(repeats):
         with tempfile.TemporaryDirectory() as folder:
@@ -75,7 +75,7 @@ def cache_ratio_commands(repeats: int) -> None:
             body = doc["subsets"]["all"]
             profile.append((warm[-1].wall - doc["run"]["wall_time_s"], doc["run"]["wall_time_s"], body["timings"],
                             body["counts"]))
-    print(f"[cache] whole command: cold {median_s([c.wall for c in cold])}, warm {median_s([w.wall for w in warm])} "
+    print(f"[cache] whole command: cold {timing_s(cold)}, warm {timing_s(warm)} "
           f"(counts of the warm run: {profile[-1][3]})")
     start_up = statistics.median(p[0] for p in profile)
     body_s = statistics.median(p[1] for p in profile)
@@ -83,8 +83,7 @@ def cache_ratio_commands(repeats: int) -> None:
     print(f"[cache] warm command profile (median s): interpreter start-up and imports {start_up:.2f}, model/data "
           f"set-up and output {body_s - sum(stage_s.values()):.2f}, evaluator stages " +
           ", ".join(f"{k} {v:.2f}" for k, v in stage_s.items()))
-    print(f"[cache] RATIO whole-command warm / cold = {Ratio.of([w.wall for w in warm], [c.wall for c in cold])}"
-          "  (target <= 0.5)")
+    print(f"[cache] RATIO whole-command warm / cold: {ratios(warm, cold)}  (target <= 0.5)")
 
 
 def torchrun_ratio(repeats: int, threads: int) -> None:
@@ -92,12 +91,9 @@ def torchrun_ratio(repeats: int, threads: int) -> None:
         one = evaluate_command(Path(folder) / "one.json", "--no-cache")
         two = evaluate_command(Path(folder) / "two.json", "--no-cache", launcher=tuple(TORCHRUN))
         times = interleaved({"one": lambda: run_command(one), "two": lambda: run_command(two)}, repeats)
-    walls = {k: [t.wall for t in v] for k, v in times.items()}
-    cpus = {k: [t.cpu for t in v] for k, v in times.items()}
-    print(f"[torchrun] {threads} thread(s) per process: 1 process wall {median_s(walls['one'])}, CPU "
-          f"{median_s(cpus['one'])}; 2 ranks (gloo) wall {median_s(walls['two'])}, CPU {median_s(cpus['two'])}")
-    print(f"[torchrun] RATIO wall 2 ranks / 1 process = {Ratio.of(walls['two'], walls['one'])}")
-    print(f"[torchrun] RATIO CPU time 2 ranks / 1 process = {Ratio.of(cpus['two'], cpus['one'])}  (target <= 1.15)")
+    print(f"[torchrun] {threads} thread(s) per process: 1 process {timing_s(times['one'])}; 2 ranks (gloo) "
+          f"{timing_s(times['two'])}")
+    print(f"[torchrun] RATIO 2 ranks / 1 process: {ratios(times['two'], times['one'])}  (target: CPU <= 1.15)")
 
 
 if __name__ == "__main__":

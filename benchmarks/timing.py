@@ -29,15 +29,31 @@ def threads_from_env() -> int:
     return threads
 
 
-def seconds(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
+@dataclass(frozen=True)
+class Timing:
+    """Wall seconds and CPU seconds (user + system; of child processes for a command) of one run.
+
+    On a loaded machine wall time stretches with the other jobs while CPU time stays close to the
+    work done, so both are reported."""
+
+    wall: float
+    cpu: float
+
+
+def measure(fn: Callable[[], object]) -> Timing:
+    """Time `fn` in this process (its CPU time covers all of its threads)."""
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - start
+    return Timing(time.perf_counter() - wall, time.process_time() - cpu)
 
 
-def interleaved(fns: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
-    """Run each fn once per repetition, in turn; each returns its own measurement (seconds)."""
-    out: dict[str, list[float]] = {name: [] for name in fns}
+def seconds(fn: Callable[[], object]) -> float:
+    return measure(fn).wall
+
+
+def interleaved(fns: dict[str, Callable[[], Timing]], repeats: int) -> dict[str, list[Timing]]:
+    """Run each fn once per repetition, in turn; each returns its own `Timing`."""
+    out: dict[str, list[Timing]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             out[name].append(fn())
@@ -65,15 +81,25 @@ def median_s(values: Sequence[float]) -> str:
     return f"{statistics.median(values):.2f} s"
 
 
-@dataclass(frozen=True)
-class CommandTime:
-    """Wall and CPU seconds (user + system, children included) of one command."""
-
-    wall: float
-    cpu: float
+def walls(timings: Sequence[Timing]) -> list[float]:
+    return [t.wall for t in timings]
 
 
-def run_command(args: Sequence[str], env: dict[str, str] | None = None) -> CommandTime:
+def cpus(timings: Sequence[Timing]) -> list[float]:
+    return [t.cpu for t in timings]
+
+
+def ratios(a: Sequence[Timing], b: Sequence[Timing]) -> str:
+    """``wall <ratio>, CPU <ratio>`` of two interleaved series."""
+    return f"wall {Ratio.of(walls(a), walls(b))}, CPU {Ratio.of(cpus(a), cpus(b))}"
+
+
+def timing_s(timings: Sequence[Timing]) -> str:
+    """Median wall and CPU seconds of a series."""
+    return f"{median_s(walls(timings))} (CPU {median_s(cpus(timings))})"
+
+
+def run_command(args: Sequence[str], env: dict[str, str] | None = None) -> Timing:
     """Run a command to completion (output discarded); fail loudly if it fails."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
@@ -83,8 +109,7 @@ def run_command(args: Sequence[str], env: dict[str, str] | None = None) -> Comma
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}): {proc.stderr[-2000:]}")
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return CommandTime(wall, cpu)
+    return Timing(wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime))
 
 
 def machine_note() -> str:
