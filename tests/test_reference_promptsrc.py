@@ -86,3 +86,8 @@ def test_promptsrc_defaults_are_the_base_to_new_config(backbone):
     want = sum(w * e for w, e in zip(weights, range(1, 21)))
     assert max(range(20), key=weights.__getitem__) == 14  # epoch 15 weighs most
     assert float(learner.text_prompts[0][0, 0].detach()) == pytest.approx(want, rel=1e-6)
+
+
+def test_anprompt_keeps_the_learners_own_token_counts():
+    request = TrainRequest(method="anprompt", learner="ivlp")
+    assert learner_options(request, CLASSES, CLASSES) == {}

@@ -135,6 +135,7 @@ class ANPrompt(PromptSRC):
     Options = ANPromptOptions
     requires = ("layer_prompts",)
     lr = 0.0035  # MaPLe/IVLP's reference rate, for every learner this method fits
+    learner_defaults = {}  # the learners' own defaults, not PromptSRC's 4 + 4 tokens
 
     def __init__(self, learner: PromptLearner, classnames: list[str], **options: Any):
         super().__init__(learner, classnames, **options)
