@@ -55,6 +55,8 @@ class Backbone:
         pretrained: The tag or absolute weights path it was loaded with; None for random init
             and for the shipped toy-clip weights.
         quick_gelu: Whether the towers use QuickGELU (chosen by the weights, see `activation_for`).
+        random_init: No weights were loaded (none given, none shipped with the model): its
+            numbers describe an untrained network.
     """
 
     model: torch.nn.Module
@@ -64,6 +66,7 @@ class Backbone:
     spec: str
     pretrained: str | None
     quick_gelu: bool = False
+    random_init: bool = False
     _weights_hash: str | None = field(default=None, repr=False)
 
     @property
@@ -214,6 +217,7 @@ def load_backbone(model: str = TOY_MODEL, pretrained: str | None = None, device:
         spec=spec,
         pretrained=pretrained,
         quick_gelu=quick_gelu,
+        random_init=weights is None,
     )
 
 

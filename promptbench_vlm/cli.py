@@ -6,12 +6,10 @@ writes what it finished (marked incomplete).
 
 from __future__ import annotations
 
-import datetime as dt
 import os
-import platform
-import re
 import sys
-import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -21,13 +19,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from . import __version__
 from .errors import UserError
-from .files import sha256_file
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Measure how prompt wording moves CLIP-style prompt learners.")
 console = Console(stderr=True)
-DEFAULT_OUTPUT = "results/{learner}__{dataset}__{split}__{time}.json"
 
 
 class Listable(str, Enum):
@@ -47,22 +42,13 @@ def explicit_flags(ctx: typer.Context, keys) -> set[str]:
     return {k for k, source in sources.items() if source is not None and source.name != "DEFAULT"}
 
 
-def output_path(template: str, **fields: str) -> Path:
-    """Fill the --output template; field values are made safe for file names."""
-    safe = {k: re.sub(r"[^A-Za-z0-9._-]+", "-", str(v)).strip("-") for k, v in fields.items()}
-    try:
-        return Path(template.format(**safe))
-    except (KeyError, IndexError) as err:
-        raise UserError(f"--output template has an unknown field {err}; fields: {', '.join(sorted(safe))}") from None
-
-
-def environment_info() -> dict[str, Any]:
-    """Versions and the command line, for the result file."""
-    import open_clip
-    import torch
-
-    return {"package_version": __version__, "torch_version": torch.__version__,
-            "open_clip_version": open_clip.__version__, "python": platform.python_version(), "command": sys.argv}
+def _note(message: str) -> None:
+    """A one-line message for the user on stderr; ``warning: ...`` is shown as a warning."""
+    if message.startswith("warning: "):
+        message = f"[yellow]warning:[/] {escape(message.removeprefix('warning: '))}"
+    else:
+        message = escape(message)
+    console.print(message, highlight=False, soft_wrap=True)
 
 
 class _Bars:
@@ -76,6 +62,15 @@ class _Bars:
         if stage not in self.tasks:
             self.tasks[stage] = self.progress.add_task(stage, total=total)
         self.progress.update(self.tasks[stage], completed=done, total=total)
+
+
+@contextmanager
+def _progress() -> Iterator[Callable[[str, int, int], None]]:
+    """Transient progress bars on stderr; under torchrun only rank 0 draws (torchrun's RANK says
+    which, before the library joins the process group)."""
+    with Progress(TextColumn("{task.description:>13}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True, disable=os.environ.get("RANK", "0") != "0") as progress:
+        yield _Bars(progress)
 
 
 @app.command()
@@ -104,7 +99,7 @@ def evaluate(
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 128,
     num_workers: Annotated[int, typer.Option(min=0, help="Image-decoding worker processes.")] = 0,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
-    output: Annotated[str, typer.Option(help="Result JSON path; fields {learner} {dataset} {split} {subset} {model} {seed} {time}.")] = DEFAULT_OUTPUT,
+    output: Annotated[str, typer.Option(help="Result JSON path; fields {learner} {dataset} {split} {subset} {model} {seed} {time}.")] = "results/{learner}__{dataset}__{split}__{time}.json",
     csv: Annotated[Optional[Path], typer.Option(help="Also export the result as CSV here.")] = None,
     cache: Annotated[bool, typer.Option(help="Keep image and prompt features on disk and reuse them across runs.")] = True,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Feature cache folder (default: $PROMPTBENCH_CACHE or the user cache dir, /features).")] = None,
@@ -115,130 +110,39 @@ def evaluate(
 
     Under torchrun every rank runs this body on its share of the work; only rank 0 writes and prints.
     """
-    from dataclasses import replace
-
     from . import distributed
-    from .backbone import load_backbone
-    from .cache import FeatureCache
-    from .data import SUBSETS, DatasetOptions, load_dataset
-    from .evaluate import EvalSettings, Evaluator
-    from .files import cache_root
-    from .learners import build_learner, check_learner_options, is_checkpoint, load_learner_checkpoint
+    from .data import DatasetOptions
+    from .evaluation import EvalRequest, run_evaluation
     from .options import split_pairs
-    from .perturb import load_lexicon, parse_perturbations
     from .report import render
-    from .results import backbone_fields, build_result, read_result, write_csv, write_json
-    from .resume import Terminated, find_previous, finished_subsets, sigterm_interrupts
-    from .templates import load_templates
-    from .wordings import WordingProtocol, evaluation_pools, subset_name, wording_fields, wording_split
+    from .results import write_csv
+    from .resume import Terminated, sigterm_interrupts
+    from .wordings import protocol_for
 
-    device = distributed.setup(device)
-    main = distributed.is_main()
-    subsets = ["base", "new"] if subset == "base-new" else [subset]
-    if subsets[0] not in SUBSETS:
-        raise UserError(f"unknown subset '{subset}'. Valid: all, base, new, base-new")
-    started = time.perf_counter()
-    template_set = load_templates(templates)
-    wording, wording_note = wording_split(wordings, learner,
-                                          WordingProtocol(templates, held_out, out_of_family, wording_seed))
-    if wording_note and main:
-        console.print(f"[yellow]warning:[/] {escape(wording_note)}", highlight=False, soft_wrap=True)
-    specs = parse_perturbations(perturb)
-    lex = load_lexicon(lexicon, mask_token=mask_token)
-    options = DatasetOptions(split=split, image_column=image_column, label_column=label_column,
-                             trust_remote_code=trust_remote_code)
-    datasets = [load_dataset(dataset, options, s) for s in subsets]
-    if not is_checkpoint(learner):  # an unknown name or option fails here, before any model loads
-        learner_options = check_learner_options(learner, split_pairs(learner_opt, "--learner-opt"))
-    backbone = load_backbone(model, pretrained, device)
-    if backbone.pretrained is None and backbone.name != "toy-clip" and main:
-        console.print(f"[yellow]warning:[/] no --pretrained given: {backbone.name} is randomly initialised")
-    if is_checkpoint(learner):
-        prompt_learner = load_learner_checkpoint(learner, backbone)
-    else:
-        prompt_learner = build_learner(learner, backbone, learner_options)
-    settings = EvalSettings(templates=template_set.templates, perturbations=tuple(specs), draws=draws, seed=seed,
-                            bootstrap=bootstrap, batch_size=batch_size, num_workers=num_workers, lexicon=lex,
-                            amp=amp)
-    run = {
-        **environment_info(),
-        **backbone_fields(backbone),
-        "learner": prompt_learner.name,
-        "learner_options": prompt_learner.options,
-        "checkpoint": learner if is_checkpoint(learner) else None,
-        "checkpoint_sha256": sha256_file(learner) if is_checkpoint(learner) else None,
-        "dataset": dataset,
-        "dataset_fingerprint": {d.name: d.fingerprint() for d in datasets},
-        "split": split,
-        "subset": subset,
-        **wording_fields(wording, template_set),
-        "perturbations": [{"label": p.label, "op": p.op, "rate": p.rate, "level": p.level} for p in specs],
-        "draws": draws,
-        "lexicon": str(lexicon) if lexicon else "shipped",
-        "mask_token": mask_token,
-        "seed": seed,
-        "bootstrap": bootstrap,
-        "device": str(backbone.device),
-        "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-    fields = dict(learner=prompt_learner.name, dataset=dataset, split=split, subset=subset, model=backbone.name,
-                  seed=str(seed))
-    stamp = distributed.broadcast(dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    path = output_path(output, **fields, time=stamp)
-    earlier: dict = {}
-    if resume:
-        pattern = str(output_path(output, **fields, time="RESUMETIME")).replace("RESUMETIME", "*")
-        previous = distributed.main_only(lambda: find_previous(pattern, run))  # ranks' run fields may differ
-        earlier, complete = finished_subsets(previous)
-        if complete:
-            if main:
-                render(read_result(previous))
-                console.print(f"{previous} is already complete: nothing to resume", highlight=False, soft_wrap=True)
-            return
-        path = previous or path
-        if main:
-            console.print(f"resuming {path}: {len(earlier)} finished subset(s) kept" if previous
-                          else "--resume: no earlier result of this evaluation found; starting afresh",
-                          highlight=False, soft_wrap=True)
-
-    def warn(message: str) -> None:
-        if main:
-            console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
-
-    features = FeatureCache(cache_dir or cache_root() / "features", warn=warn) if cache else None
-    finished: list = []
-    with Progress(TextColumn("{task.description:>13}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True, disable=not main) as progress, sigterm_interrupts():
-        units = [(ds, subset_name(name, pool), Evaluator(prompt_learner, replace(settings, templates=pool_templates),
-                                                         progress=_Bars(progress), cache=features, split=split))
-                 for pool, pool_templates in evaluation_pools(wording, template_set.templates)
-                 for ds, name in zip(datasets, subsets)]
+    request = EvalRequest(
+        model=model, pretrained=pretrained, learner=learner, learner_options=split_pairs(learner_opt, "--learner-opt"),
+        dataset=dataset, dataset_options=DatasetOptions(split=split, image_column=image_column,
+                                                        label_column=label_column, trust_remote_code=trust_remote_code),
+        subset=subset, templates=templates, perturb=perturb, draws=draws, lexicon=str(lexicon) if lexicon else None,
+        mask_token=mask_token, seed=seed, bootstrap=bootstrap, batch_size=batch_size, num_workers=num_workers,
+        device=device, amp=amp, cache=cache, cache_dir=str(cache_dir) if cache_dir else None, output=output,
+        resume=resume, wordings=protocol_for(wordings, templates, held_out, wording_seed, out_of_family),
+    )
+    with _progress() as progress, sigterm_interrupts():
         try:
-            for ds, name, evaluator in units:
-                if name in earlier:
-                    continue
-                evaluator.run(ds, subset=name, partial=finished)
-                if main and len(earlier) + len(finished) < len(units):  # a finished unit survives any kill
-                    write_json(build_result(run, finished, complete=False, earlier=earlier), path)
+            result = run_evaluation(request, progress=progress, note=_note)
         except KeyboardInterrupt as interrupt:
-            run["wall_time_s"] = time.perf_counter() - started
-            if main:
-                write_json(build_result(run, finished, complete=False, earlier=earlier), path)
-                console.print(f"interrupted: partial results written to {path}; --resume continues it",
-                              highlight=False, soft_wrap=True)
             raise typer.Exit(143 if isinstance(interrupt, Terminated) else 130) from None
-    run["wall_time_s"] = time.perf_counter() - started
-    if not main:
+    if not distributed.is_main():
         return
-    doc = build_result(run, finished, earlier=earlier)
-    write_json(doc, path)
-    render(doc)
+    render(result.doc)
+    if result.already_complete:
+        return
     if csv:
-        write_csv(doc, csv)
-    skipped = sum(len(r.skipped) for r in finished)
-    if skipped:
-        console.print(f"[yellow]warning:[/] {skipped} corrupt image(s) skipped; listed under 'skipped' in {path}")
-    console.print(f"wrote {path} ({run['wall_time_s']:.1f} s)")
+        write_csv(result.doc, csv)
+    if result.n_skipped:
+        _note(f"warning: {result.n_skipped} corrupt image(s) skipped; listed under 'skipped' in {result.path}")
+    _note(f"wrote {result.path} ({result.doc['run']['wall_time_s']:.1f} s)")
 
 
 @app.command()
@@ -280,12 +184,11 @@ def train(
     Under torchrun every rank trains on its share of each batch; only rank 0 writes and prints.
     """
     from . import distributed
-    from .learners import LEARNERS
+    from .evaluation import output_path
     from .options import split_pairs
     from .report import render
     from .resume import Terminated, sigterm_interrupts
     from .train.loop import TrainConfig
-    from .train.method import METHODS
     from .train.run import TrainRequest, run_training
     from .wordings import protocol_for
 
@@ -303,9 +206,6 @@ def train(
         warmup_epochs, shots, subset, model, pretrained = (
             merged[k] for k in ("warmup_epochs", "shots", "subset", "model", "pretrained"))
         learner_options, method_options = merged["learner_options"], merged["method_options"]
-    METHODS.get(method)  # unknown names fail before anything loads
-    if init is None:
-        LEARNERS.get(learner)
     folder = output_path(output, method=method, learner=learner, dataset="+".join(dataset), seed=str(seed),
                          shots=str(shots))
     request = TrainRequest(
@@ -320,28 +220,17 @@ def train(
         overwrite=overwrite, resume=resume,
         wordings=protocol_for(wordings, eval_templates, held_out, wording_seed, out_of_family),
     )
-
-    def note(message: str) -> None:
-        console.print(message, highlight=False, soft_wrap=True)
-
-    # the process group is joined inside run_training; torchrun's RANK already says who shows progress
-    with Progress(TextColumn("{task.description:>13}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True, disable=os.environ.get("RANK", "0") != "0") as progress, \
-            sigterm_interrupts():
+    with _progress() as progress, sigterm_interrupts():
         try:
-            doc = run_training(request, environment_info(), progress=_Bars(progress), note=note)
+            doc = run_training(request, progress=progress, note=_note)
         except KeyboardInterrupt as interrupt:
-            if distributed.is_main():
-                kept = ("checkpoint and training state of the last finished epoch; the same command with --resume "
-                        "continues it") if METHODS.get(method).fit is None else "checkpoint of the last finished epoch"
-                note(f"interrupted: {folder} keeps the {kept}")
             raise typer.Exit(143 if isinstance(interrupt, Terminated) else 130) from None
     if not distributed.is_main():
         return
     render(doc)
     training = doc["run"]["training"]
-    console.print(f"trained {training['steps']} steps: loss {training['first_loss']:.4f} -> {training['last_loss']:.4f}; "
-                  f"run folder {folder}/")
+    _note(f"trained {training['steps']} steps: loss {training['first_loss']:.4f} -> {training['last_loss']:.4f}; "
+          f"run folder {folder}/")
     weights = training.get("method_summary", {})
     if weights.get("weighting"):
         heaviest = ", ".join(f"{t['template']!r} {t['weight']:.3f}" for t in weights["top_templates"][:3])
@@ -398,21 +287,12 @@ def report(
     render(doc)
     if csv:
         write_csv(doc, csv)
-        console.print(f"wrote {csv}")
+        _note(f"wrote {csv}")
     if plot:
-        from .compare.markdown import write_markdown
-        from .compare.plots import all_plots
-        from .compare.stats import Group, summarise
+        from .compare.run import plot_result
 
-        run = doc["run"]
-        group = Group((run.get("training") or {}).get("method", run["learner"]), run["learner"], run["dataset"],
-                      {run.get("seed", 0): doc})
-        summary = summarise(group, n_resamples=run.get("bootstrap", 1000), seed=run.get("seed", 0))
-        folder = file.parent / f"{file.stem}-plots"
-        paths = all_plots([summary], folder)
-        md = write_markdown(folder / "report.md", f"{group.label} on {run['dataset']}", [f"result file: {file}"],
-                            [summary], [], [], paths)
-        console.print(f"wrote {len(paths)} figures and {md}")
+        paths, md = plot_result(doc, file)
+        _note(f"wrote {len(paths)} figures and {md}")
 
 
 @app.command()
@@ -441,16 +321,10 @@ def compare(
     preset: Annotated[list[str], typer.Option("--preset", help="Add a paper's configuration as a sweep entry (promptbench list presets), repeatable.")] = [],
 ) -> None:
     """Run methods x learners x datasets x seeds and report them side by side, with paired tests."""
-    from .compare.grid import load_groups, run_grid
-    from .compare.markdown import write_markdown
-    from .compare.stats import compare_to_reference, summarise
+    from .compare.run import run_comparison
     from .compare.sweep import build_sweep, read_sweep_file
-    from .compare.tables import headline_table, paired_table, runs_table, to_rich, wording_line
+    from .compare.tables import headline_table, paired_table, runs_table, to_rich
 
-    if plot:
-        from .compare.plots import all_plots, pyplot
-
-        pyplot()  # fail before an hour of training, not after
     values = read_sweep_file(sweep) if sweep else {}
     flags = {"methods": method, "learners": learner, "datasets": dataset, "seeds": seed, "shots": shots,
              "epochs": epochs, "batch_size": batch_size, "lr": lr, "templates": templates, "perturb": perturb,
@@ -460,42 +334,23 @@ def compare(
     for name in preset:  # an entry of its own, as `[method.NAME] preset = "NAME"` in a sweep file
         values["methods"] = [*values.get("methods", []), name]
         values.setdefault("method", {}).setdefault(name, {})["preset"] = name
-    spec = build_sweep(values)
 
     def announce(record) -> None:
-        note = f": {record.error}" if record.error else ""
-        console.print(f"{record.status:>11} {record.method}/{record.learner}/{record.dataset}/seed{record.seed} "
-                      f"({record.wall_time_s:.0f} s){note}", highlight=False)
+        error = f": {record.error}" if record.error else ""
+        _note(f"{record.status:>11} {record.method}/{record.learner}/{record.dataset}/seed{record.seed} "
+              f"({record.wall_time_s:.0f} s){error}")
 
-    with Progress(TextColumn("{task.description:>13}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as progress:
-        records, left_out = run_grid(spec, environment_info(), skip_existing=skip_existing, overwrite=overwrite,
-                                     progress=_Bars(progress), on_record=announce)
-    groups = load_groups(records)
-    if not groups:
-        raise UserError(f"no run finished; see {spec.output}/summary.json for each run's error")
-    order = {m: i for i, m in enumerate(spec.methods)}
-    groups.sort(key=lambda g: (g.dataset, order[g.method], g.learner))
-    summaries = [summarise(g, spec.bootstrap) for g in groups]
-    comparisons = compare_to_reference(summaries, spec.reference_name(), spec.bootstrap)
+    with _progress() as progress:
+        result = run_comparison(build_sweep(values), source=str(sweep or "flags"), skip_existing=skip_existing,
+                                overwrite=overwrite, plot=plot, progress=progress, on_record=announce, note=_note)
     out = Console(width=160)
-    out.print(to_rich(headline_table(summaries)))
-    if comparisons:
-        out.print(to_rich(paired_table(comparisons, clean_only=True)))
-    failed = runs_table(records)
+    out.print(to_rich(headline_table(result.summaries)))
+    if result.comparisons:
+        out.print(to_rich(paired_table(result.comparisons, clean_only=True)))
+    failed = runs_table(result.records)
     if failed.rows:
         out.print(to_rich(failed))
-    folder = Path(spec.output)
-    paths = all_plots(summaries, folder / "plots") if plot else []
-    setup = [f"sweep: {sweep or 'flags'}; reference: {spec.reference_name()}",
-             f"model {spec.model}; datasets {', '.join(spec.datasets)}; seeds {spec.seeds}; {spec.shots} shots; "
-             f"{spec.epochs} epochs; templates {spec.templates}; perturbations {spec.perturb}",
-             wording_line(spec),
-             f"runs: {sum(r.status in ('done', 'existing') for r in records)} finished, "
-             f"{sum(r.status == 'failed' for r in records)} failed"
-             + (f"; left out (method does not fit the learner): {', '.join(left_out)}" if left_out else "")]
-    md = write_markdown(folder / "report.md", "promptbench comparison", setup, summaries, comparisons, records, paths)
-    console.print(f"wrote {md} and {folder / 'summary.json'}")
+    _note(f"wrote {result.report} and {result.summary_file}")
 
 
 @app.command("list")

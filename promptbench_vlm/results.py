@@ -1,24 +1,33 @@
-"""The result file: a typed, versioned JSON document, and its CSV export.
+"""The result file: a versioned JSON document with a shipped JSON Schema, and its CSV export.
 
 One file per run holds the metrics of each evaluated subset and everything needed to rerun it
 (versions, backbone, learner, checkpoint hash, dataset, templates, perturbation settings, seed,
-device, timing). `read_result` refuses files of an unknown schema version.
+device, timing). The schema is ``schemas/result.schema.json`` in this package, described field by
+field in ``docs/results.md``. `read_result` checks a current file against it, reads version-1
+files (their missing ``run`` fields become None) and refuses any other version.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
-from .evaluate import SubsetResult
 from .files import atomic_path
 from .wordings import POOLS, subset_templates
 
+if TYPE_CHECKING:  # reading and rendering a result needs no torch
+    from .evaluate import SubsetResult
+
 SCHEMA = "promptbench_vlm/result"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+SCHEMA_FILE = Path(__file__).resolve().parent / "schemas" / "result.schema.json"
+V1_MISSING_RUN_FIELDS = ("checkpoint_sha256", "dataset_fingerprint", "lexicon", "mask_token", "precision", "started",
+                         "wall_time_s", "wordings")
+"""Run fields a version-1 file may lack (trained and compared results never had some of them)."""
 
 
 def backbone_fields(backbone) -> dict[str, Any]:
@@ -93,11 +102,30 @@ def write_json(doc: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
+@functools.cache
+def result_schema() -> dict[str, Any]:
+    """The JSON Schema of the current result version, as shipped in the package."""
+    return json.loads(SCHEMA_FILE.read_text(encoding="utf-8"))
+
+
+def schema_errors(doc: Any) -> list[str]:
+    """Where `doc` departs from the current schema, one ``at /json/path: message`` per problem."""
+    from jsonschema import Draft202012Validator
+
+    validator = Draft202012Validator(result_schema(), format_checker=Draft202012Validator.FORMAT_CHECKER)
+    errors = sorted(validator.iter_errors(doc), key=lambda e: list(e.absolute_path))
+    return [f"at /{'/'.join(str(p) for p in e.absolute_path)}: {e.message}" for e in errors]
+
+
 def read_result(path: str | Path) -> dict[str, Any]:
-    """Read a result file, checking its schema.
+    """Read a result file, checking it against its schema.
+
+    A version-1 file is read as it is, with the ``run`` fields it may lack set to None (unknown)
+    and ``schema_version`` left at 1.
 
     Raises:
-        UserError: missing file, invalid JSON, or a schema this version cannot read.
+        UserError: missing file, invalid JSON, a file that departs from its schema, or a schema
+            version this package cannot read.
     """
     path = Path(path)
     try:
@@ -108,10 +136,17 @@ def read_result(path: str | Path) -> dict[str, Any]:
         raise UserError(f"cannot read result file {path}: {err}") from None
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
         raise UserError(f"{path} is not a promptbench_vlm result file")
-    if doc.get("schema_version") != SCHEMA_VERSION:
-        raise UserError(
-            f"{path} has result schema version {doc.get('schema_version')}; this version reads {SCHEMA_VERSION}"
-        )
+    version = doc.get("schema_version")
+    if version == 1 and isinstance(doc.get("run"), dict) and isinstance(doc.get("subsets"), dict):
+        for key in V1_MISSING_RUN_FIELDS:
+            doc["run"].setdefault(key, None)
+        return doc
+    if version != SCHEMA_VERSION:
+        raise UserError(f"{path} has result schema version {version}; this version reads 1 and {SCHEMA_VERSION}")
+    errors = schema_errors(doc)
+    if errors:
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise UserError(f"{path} is not a valid result file (schema version {SCHEMA_VERSION}) {errors[0]}{more}")
     return doc
 
 

@@ -16,10 +16,9 @@ from promptbench_vlm.compare.plots import all_plots
 from promptbench_vlm.compare.stats import Group, compare_to_reference, per_image_values, summarise
 from promptbench_vlm.compare.sweep import build_sweep, plan, read_sweep_file
 from promptbench_vlm.errors import UserError
-from promptbench_vlm.evaluate import EvalSettings, Evaluator
+from promptbench_vlm.evaluation import EvalRequest, load_inputs, run_evaluation
 from promptbench_vlm.learners import build_learner
-from promptbench_vlm.perturb import parse_perturbations
-from promptbench_vlm.results import build_result, read_result, write_json
+from promptbench_vlm.results import read_result, write_json
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "sweeps" / "toy.toml"
 LADDER = EXAMPLE.with_name("promise_ladder.toml")
@@ -33,20 +32,21 @@ def split_folder(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def learner_docs(tiny_backbone) -> dict[str, dict]:
+def learner_docs(tiny_backbone, tmp_path_factory) -> dict[str, dict]:
     """Result documents of a CoOp learner, of the same learner again, and of a copy with noise
     added to its context, on the same 32 images."""
-    settings = EvalSettings(templates=TEMPLATES, perturbations=tuple(parse_perturbations("drop:strong,synonym")),
-                            bootstrap=200)
-    data = ColourDataset(per_class=8)
-    run = {"templates": list(TEMPLATES), "learner": "coop", "model": "tiny", "dataset": "colours", "split": "test"}
+    templates = tmp_path_factory.mktemp("templates") / "four.txt"
+    templates.write_text("\n".join(TEMPLATES))
+    request = EvalRequest(learner="coop", dataset="colours", templates=str(templates), perturb="drop:strong,synonym",
+                          bootstrap=200, cache=False, output=None)
+    inputs = load_inputs(request, ColourDataset(per_class=8))
     torch.manual_seed(0)
     learner = build_learner("coop", tiny_backbone)
-    docs = {"coop": build_result(run, [Evaluator(learner, settings).run(data)]),
-            "again": build_result(run, [Evaluator(learner, settings).run(data)])}
+    docs = {"coop": run_evaluation(request, learner=learner, inputs=inputs).doc,
+            "again": run_evaluation(request, learner=learner, inputs=inputs).doc}
     with torch.no_grad():
         learner.ctx.add_(torch.randn_like(learner.ctx) * 50 * learner.ctx.std())
-    docs["noisy"] = build_result(run, [Evaluator(learner, settings).run(data)])
+    docs["noisy"] = run_evaluation(request, learner=learner, inputs=inputs).doc
     return docs
 
 

@@ -47,9 +47,10 @@ def steps(folder: Path) -> list[dict]:
 
 
 def without_timings(doc: dict) -> dict:
-    """A result document without its timings and run folder."""
+    """A result document without its timings, start time and run folder."""
     doc = json.loads(json.dumps(doc))
-    doc["run"].pop("checkpoint")
+    for key in ("checkpoint", "started", "wall_time_s"):
+        doc["run"].pop(key)
     doc["run"]["training"].pop("train_wall_time_s")
     for body in doc["subsets"].values():
         body.pop("timings")

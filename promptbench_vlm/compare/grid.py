@@ -8,7 +8,6 @@ partly failed sweep keeps everything it finished.
 
 from __future__ import annotations
 
-import datetime as dt
 import re
 import time
 from collections.abc import Callable
@@ -58,49 +57,21 @@ def finished(folder: Path) -> bool:
         return False
 
 
-def evaluate_zeroshot(sweep: Sweep, spec: RunSpec, folder: Path, run_info: dict[str, Any],
-                      progress: ProgressFn | None = None) -> dict[str, Any]:
+def evaluate_zeroshot(sweep: Sweep, spec: RunSpec, folder: Path, progress: ProgressFn | None = None,
+                      note: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Score the zero-shot learner on the test split's base and new classes, as a trained run is scored."""
-    from ..backbone import load_backbone
-    from ..data import DatasetOptions, load_dataset
-    from ..evaluate import EvalSettings, Evaluator
-    from ..learners import build_learner
-    from ..perturb import parse_perturbations
-    from ..results import backbone_fields, build_result
-    from ..templates import load_templates
-    from ..wordings import evaluation_pools, split_wordings, subset_name, wording_fields
+    from ..data import DatasetOptions
+    from ..evaluation import EvalRequest, literal, run_evaluation
 
-    started = time.perf_counter()
-    templates = load_templates(sweep.templates)
-    protocol = sweep.wording_protocol()
-    split = split_wordings(protocol) if protocol else None
-    specs = parse_perturbations(sweep.perturb)
-    names = ["base", "new"]
-    test_sets = [load_dataset(spec.dataset, DatasetOptions(split="test"), s) for s in names]
-    backbone = load_backbone(sweep.model, sweep.pretrained, sweep.device)
-    learner = build_learner(ZEROSHOT, backbone)
-    subsets = []
-    for pool, pool_templates in evaluation_pools(split, templates.templates):
-        settings = EvalSettings(templates=pool_templates, perturbations=tuple(specs), seed=spec.seed,
-                                bootstrap=sweep.bootstrap)
-        evaluator = Evaluator(learner, settings, progress=progress)
-        subsets += [evaluator.run(ds, subset=subset_name(name, pool)) for ds, name in zip(test_sets, names)]
-    run = {**run_info, **backbone_fields(backbone), "learner": learner.name, "learner_options": learner.options,
-           "checkpoint": None, "dataset": spec.dataset,
-           "dataset_fingerprint": {d.name: d.fingerprint() for d in test_sets}, "split": "test",
-           "subset": "base-new", **wording_fields(split, templates),
-           "perturbations": [{"label": p.label, "op": p.op, "rate": p.rate, "level": p.level} for p in specs],
-           "draws": 1, "seed": spec.seed, "bootstrap": sweep.bootstrap, "device": str(backbone.device),
-           "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-           "wall_time_s": time.perf_counter() - started}
-    doc = build_result(run, subsets)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_json(doc, folder / RESULT)
-    return doc
+    request = EvalRequest(model=sweep.model, pretrained=sweep.pretrained, learner=ZEROSHOT, dataset=spec.dataset,
+                          dataset_options=DatasetOptions(split="test"), subset="base-new", templates=sweep.templates,
+                          perturb=sweep.perturb, seed=spec.seed, bootstrap=sweep.bootstrap, device=sweep.device,
+                          cache=False, output=literal(folder / RESULT), wordings=sweep.wording_protocol())
+    return run_evaluation(request, progress=progress, note=note).doc
 
 
-def train_run(sweep: Sweep, spec: RunSpec, folder: Path, run_info: dict[str, Any],
-              progress: ProgressFn | None = None) -> dict[str, Any]:
+def train_run(sweep: Sweep, spec: RunSpec, folder: Path, progress: ProgressFn | None = None,
+              note: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train and evaluate one cell with `run_training`, with the method's own overrides."""
     from ..train.loop import TrainConfig
     from ..train.run import TrainRequest, run_training
@@ -115,7 +86,7 @@ def train_run(sweep: Sweep, spec: RunSpec, folder: Path, run_info: dict[str, Any
                            wordings=sweep.wording_protocol(),
                            eval_perturb=sweep.perturb, bootstrap=sweep.bootstrap, device=sweep.device,
                            overwrite=True)
-    return run_training(request, run_info, progress=progress)
+    return run_training(request, progress=progress, note=note)
 
 
 def write_summary(sweep: Sweep, left_out: list[str], records: list[RunRecord]) -> Path:
@@ -125,18 +96,18 @@ def write_summary(sweep: Sweep, left_out: list[str], records: list[RunRecord]) -
     return write_json(doc, Path(sweep.output) / SUMMARY)
 
 
-def run_grid(sweep: Sweep, run_info: dict[str, Any], skip_existing: bool = False, overwrite: bool = False,
-             progress: ProgressFn | None = None, on_record: Callable[[RunRecord], None] | None = None
-             ) -> tuple[list[RunRecord], list[str]]:
+def run_grid(sweep: Sweep, skip_existing: bool = False, overwrite: bool = False,
+             progress: ProgressFn | None = None, on_record: Callable[[RunRecord], None] | None = None,
+             note: Callable[[str], None] | None = None) -> tuple[list[RunRecord], list[str]]:
     """Run every cell of the grid in order; return the records and the pairs left out.
 
     Args:
         sweep: The grid.
-        run_info: Environment fields for every result file (versions, command line).
         skip_existing: Reuse runs whose folder holds a finished result (resume).
         overwrite: Rerun finished runs instead.
         progress: Progress callback handed to training and evaluation.
         on_record: Called after each run, for live reporting.
+        note: Receives the runs' one-line messages for the user (warnings prefixed ``warning:``).
 
     Raises:
         UserError: finished runs exist and neither `skip_existing` nor `overwrite` says what to do.
@@ -157,7 +128,7 @@ def run_grid(sweep: Sweep, run_info: dict[str, Any], skip_existing: bool = False
         else:
             try:
                 run = evaluate_zeroshot if spec.method == ZEROSHOT else train_run
-                run(sweep, spec, folder, run_info, progress)
+                run(sweep, spec, folder, progress, note)
             except KeyboardInterrupt:
                 record.status, record.error = "interrupted", "interrupted by the user"
                 records.append(record)

@@ -16,7 +16,7 @@ import math
 import shutil
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +24,12 @@ from .. import distributed
 from ..backbone import load_backbone
 from ..data import DatasetOptions, load_dataset
 from ..errors import UserError
-from ..evaluate import EvalSettings, Evaluator, ProgressFn
+from ..evaluate import ProgressFn
+from ..evaluation import EvalRequest, literal, load_inputs, run_evaluation
 from ..files import atomic_path
 from ..learners import build_learner, check_learner_options, load_learner_checkpoint
-from ..perturb import parse_perturbations
-from ..results import backbone_fields, build_result, read_result, write_json
-from ..templates import load_templates
-from ..wordings import (WordingProtocol, evaluation_pools, seen_pool_options, split_wordings, subset_name,
-                        wording_fields, write_seen_pool)
+from ..results import read_result
+from ..wordings import WordingProtocol, seen_pool_options, write_seen_pool
 from .fewshot import DEFAULT_CACHE, few_shot
 from .loop import TrainConfig, train
 from .maml_tasks import JointDataset
@@ -139,12 +137,26 @@ def keep_log_until(path: Path, step: int) -> None:
             tmp.write_text("".join(line for line in lines if _logged_step(line) <= step), encoding="utf-8")
 
 
-def run_training(request: TrainRequest, run_info: dict[str, Any], progress: ProgressFn | None = None,
+def final_evaluation(request: TrainRequest) -> EvalRequest:
+    """The evaluation of the trained checkpoint: the first dataset's test split, base and new
+    classes when trained on base (else the trained subset), into the run folder's result file."""
+    source = request.dataset if isinstance(request.dataset, str) else request.dataset[0]
+    folder = Path(request.output)
+    return EvalRequest(model=request.model, pretrained=request.pretrained, learner=str(folder / CHECKPOINT),
+                       dataset=source, dataset_options=replace(request.dataset_options, split="test"),
+                       subset="base-new" if request.subset == "base" else request.subset,
+                       templates=request.eval_templates, perturb=request.eval_perturb, seed=request.config.seed,
+                       bootstrap=request.bootstrap, num_workers=request.config.num_workers, device=request.device,
+                       amp=request.config.amp, cache=False, output=literal(folder / RESULT), wordings=request.wordings)
+
+
+def run_training(request: TrainRequest, extra_run: dict[str, Any] | None = None, progress: ProgressFn | None = None,
                  note: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train, checkpoint and evaluate; return the result document (also written to disk).
 
     Under torchrun every rank calls this alike. `note` receives one-line messages for the user
-    (resuming, already complete), on rank 0.
+    (resuming, already complete, interrupted), on rank 0; `extra_run` holds fields added to the
+    result's ``run`` block.
     """
     import torch
 
@@ -154,18 +166,15 @@ def run_training(request: TrainRequest, run_info: dict[str, Any], progress: Prog
     say = note if note and main else (lambda _: None)
     folder = Path(request.output)
     config = request.config
-    eval_templates = load_templates(request.eval_templates)
-    split = split_wordings(request.wordings) if request.wordings else None
-    eval_specs = parse_perturbations(request.eval_perturb)
+    evaluation = final_evaluation(request)
+    eval_inputs = load_inputs(evaluation)
+    split = eval_inputs.wordings
     options = request.dataset_options
     sources = [request.dataset] if isinstance(request.dataset, str) else list(request.dataset)
     parts = [few_shot(load_dataset(source, DatasetOptions(**{**options.__dict__, "split": "train"}), request.subset),
                       request.shots, config.seed, Path(request.fewshot_cache) if request.fewshot_cache else None)
              for source in sources]
     train_data = parts[0] if len(parts) == 1 else JointDataset(parts)
-    eval_subsets = ["base", "new"] if request.subset == "base" else [request.subset]
-    test_sets = [load_dataset(sources[0], DatasetOptions(**{**options.__dict__, "split": "test"}), s)
-                 for s in eval_subsets]
     mode = distributed.main_only(lambda: prepare_output(folder, request))
     if mode == "complete":
         say(f"{folder} is already complete: nothing to resume")
@@ -185,7 +194,8 @@ def run_training(request: TrainRequest, run_info: dict[str, Any], progress: Prog
         if request.learner not in ("", learner.name):
             raise UserError(f"--init {request.init} holds a '{learner.name}' learner, not '{request.learner}'")
     else:
-        known = list(dict.fromkeys([*train_data.classnames, *(c for ds in test_sets for c in ds.classnames)]))
+        known = list(dict.fromkeys([*train_data.classnames,
+                                    *(c for ds in eval_inputs.datasets.values() for c in ds.classnames)]))
         learner = build_learner(request.learner, backbone, learner_options(request, train_data.classnames, known))
     method_options = dict(request.method_options)
     if split is not None:  # every method trains on the same seen pool, none on a held-out wording
@@ -208,33 +218,26 @@ def run_training(request: TrainRequest, run_info: dict[str, Any], progress: Prog
              "wordings": split.to_dict() if split else None}
     checkpoint = folder / CHECKPOINT
     save = (lambda epoch: learner.save(checkpoint, {**extra, "epoch": epoch})) if main else None
-    if method.fit is not None:
-        outcome = method.fit(train_data, config, lr, log_path=folder / LOG, on_epoch_end=save, progress=progress)
-    else:
-        outcome = train(method, train_data, config, lr, log_path=folder / LOG, on_epoch_end=save, progress=progress,
-                        state_path=folder / STATE, start=start)
+    try:
+        if method.fit is not None:
+            outcome = method.fit(train_data, config, lr, log_path=folder / LOG, on_epoch_end=save, progress=progress)
+        else:
+            outcome = train(method, train_data, config, lr, log_path=folder / LOG, on_epoch_end=save,
+                            progress=progress, state_path=folder / STATE, start=start)
+    except KeyboardInterrupt:
+        kept = ("checkpoint and training state of the last finished epoch; the same command with --resume "
+                "continues it") if method.fit is None else "checkpoint of the last finished epoch"
+        say(f"interrupted: {folder} keeps the {kept}")
+        raise
     if main:
         learner.save(checkpoint, {**extra, "epoch": config.epochs, "final": True})
-
-    subsets = []
-    for pool, templates in evaluation_pools(split, eval_templates.templates):
-        evaluator = Evaluator(learner, EvalSettings(templates=templates, perturbations=tuple(eval_specs),
-                                                    seed=config.seed, bootstrap=request.bootstrap), progress=progress)
-        subsets += [evaluator.run(ds, subset=subset_name(name, pool)) for ds, name in zip(test_sets, eval_subsets)]
-    run = {**run_info, **backbone_fields(backbone), "learner": learner.name, "learner_options": learner.options,
-           "checkpoint": str(checkpoint), "dataset": sources[0], "split": "test",
-           "subset": "base-new" if len(eval_subsets) == 2 else request.subset,
-           **wording_fields(split, eval_templates),
-           "perturbations": [{"label": p.label, "op": p.op, "rate": p.rate, "level": p.level} for p in eval_specs],
-           "draws": 1, "seed": config.seed, "bootstrap": request.bootstrap, "device": str(backbone.device),
-           "training": {**extra, "steps": outcome.steps, "first_loss": outcome.losses[0] if outcome.losses else None,
-                        "last_loss": outcome.losses[-1] if outcome.losses else None,
-                        "train_wall_time_s": outcome.wall_time_s, "skipped_images": outcome.skipped_images,
-                        "method_summary": method.summary(),
-                        "ranks": distributed.world_size()}}
-    doc = build_result(run, subsets)
+    training = {**extra, "steps": outcome.steps, "first_loss": outcome.losses[0] if outcome.losses else None,
+                "last_loss": outcome.losses[-1] if outcome.losses else None,
+                "train_wall_time_s": outcome.wall_time_s, "skipped_images": outcome.skipped_images,
+                "method_summary": method.summary(), "ranks": distributed.world_size()}
+    doc = run_evaluation(evaluation, learner=learner, inputs=eval_inputs,
+                         extra_run={**(extra_run or {}), "training": training}, progress=progress, note=note).doc
     if main:
-        write_json(doc, folder / RESULT)
         (folder / STATE).unlink(missing_ok=True)  # finished: --resume now finds the result
     return doc
 
