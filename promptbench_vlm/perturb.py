@@ -1,9 +1,12 @@
 """Text perturbations of filled prompts: synonym, mask, shuffle, drop and context.
 
 Each op is a pure function of its arguments. Its random stream is seeded from a SHA-256 of
-(text, class span, op, rate, seed), so a prompt perturbs the same way in every process and
+(text, class span, op, amount, seed), so a prompt perturbs the same way in every process and
 call order. The class name is one protected unit: never replaced, masked or dropped, and
-its words keep their order. See docs/perturbations.md.
+its words keep their order. The levels are edit counts, not draws: ``strong`` makes at least
+one edit more than ``weak`` wherever the prompt has room for it, and an explicit rate 0 is the
+identity. Articles an edit leaves in front of a new word are made to agree ("an image" ->
+"a picture"). See docs/perturbations.md.
 """
 
 from __future__ import annotations
@@ -13,19 +16,23 @@ import hashlib
 import json
 import random
 import re
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import NamedTuple
 
+from .articles import ARTICLES, agree
 from .errors import UserError
 from .names import unknown_name_error
 from .paths import data_dir
 
 OPS: tuple[str, ...] = ("synonym", "mask", "shuffle", "drop", "context")
 LEVELS: dict[str, float] = {"weak": 0.1, "strong": 0.5}
-DEFAULT_OPS: tuple[str, ...] = ("synonym", "mask", "shuffle", "drop")
+# Every op is in the default evaluation: `context` (ANPrompt's weak semantic perturbation) is the
+# reference point against which the other four are the strong noise.
+DEFAULT_OPS: tuple[str, ...] = OPS
 
 # Punctuation that ends a prompt ("dog." -> unit "dog" + final "."); it stays at the end.
 _FINAL_PUNCT = frozenset(".,;:!?…")
@@ -33,12 +40,19 @@ _FINAL_PUNCT = frozenset(".,;:!?…")
 _EDGE_PUNCT = re.compile(r"^(\W*)(.*?)(\W*)$", re.DOTALL)
 
 
-def _check_op_rate(op: str, rate: float) -> None:
-    """Reject an unknown op or a rate outside [0, 1] with a clear user error."""
+Amount = float | str
+"""How much an op changes a prompt: a level name of `LEVELS` or a rate in [0, 1]."""
+
+
+def _check_op_amount(op: str, amount: Amount) -> None:
+    """Reject an unknown op, level or a rate outside [0, 1] with a clear user error."""
     if op not in OPS:
         raise unknown_name_error("perturbation op", op, OPS)
-    if not 0.0 <= rate <= 1.0:
-        raise UserError(f"perturbation rate for '{op}' must be in [0, 1], got {rate}")
+    if isinstance(amount, str):
+        if amount not in LEVELS:
+            raise unknown_name_error("perturbation level", amount, LEVELS)
+    elif not 0.0 <= amount <= 1.0:
+        raise UserError(f"perturbation rate for '{op}' must be in [0, 1], got {amount}")
 
 
 @dataclass(frozen=True)
@@ -56,12 +70,18 @@ class PerturbSpec:
     level: str | None = None
 
     def __post_init__(self) -> None:
-        _check_op_rate(self.op, self.rate)
+        _check_op_amount(self.op, self.rate)
         if self.level is not None:
             if self.level not in LEVELS:
                 raise unknown_name_error("perturbation level", self.level, LEVELS)
             if LEVELS[self.level] != self.rate:
                 raise UserError(f"level '{self.level}' means rate {LEVELS[self.level]}, got {self.rate}")
+
+    @property
+    def amount(self) -> Amount:
+        """What `perturb` takes: the level name when there is one (levels are edit-count rules,
+        not just rates), else the rate."""
+        return self.level if self.level is not None else self.rate
 
     @property
     def label(self) -> str:
@@ -120,13 +140,14 @@ class Lexicon:
     Attributes:
         synonyms: Lower-case word or phrase -> its synonyms (words or short phrases).
         stopwords: Lower-case words that are never synonym candidates.
-        noise_phrases: Mild class-agnostic phrases for the ``context`` op.
+        noise_phrases: Mild class-agnostic phrases for the ``context`` op, by group; one prompt
+            never gets two phrases of a group (they could contradict each other).
         mask_token: What ``mask`` puts in place of a unit.
     """
 
     synonyms: Mapping[str, tuple[str, ...]]
     stopwords: frozenset[str]
-    noise_phrases: tuple[str, ...]
+    noise_phrases: Mapping[str, tuple[str, ...]]
     mask_token: str = "[MASK]"
     _max_words: int = field(init=False, repr=False, compare=False)
 
@@ -174,6 +195,20 @@ def _read_synonyms(path: Path) -> Mapping[str, tuple[str, ...]]:
     return MappingProxyType(table)
 
 
+def _read_phrase_groups(path: Path) -> Mapping[str, tuple[str, ...]]:
+    """Phrases of a word list under ``[group]`` header lines."""
+    groups: dict[str, list[str]] = {}
+    current = None
+    for line in _read_lines(path):
+        if line.startswith("[") and line.endswith("]"):
+            current = groups.setdefault(line[1:-1].strip(), [])
+        elif current is None:
+            raise UserError(f"{path}: phrase {line!r} comes before any [group] header")
+        else:
+            current.append(line)
+    return MappingProxyType({name: tuple(phrases) for name, phrases in groups.items() if phrases})
+
+
 @functools.cache
 def _shipped_lexicon() -> Lexicon:
     """The lexicon in the shipped ``perturbations/`` folder, read once on first use."""
@@ -181,7 +216,7 @@ def _shipped_lexicon() -> Lexicon:
     return Lexicon(
         synonyms=_read_synonyms(folder / "synonyms.json"),
         stopwords=frozenset(word.lower() for word in _read_lines(folder / "stopwords.txt")),
-        noise_phrases=tuple(_read_lines(folder / "noise_phrases.txt")),
+        noise_phrases=_read_phrase_groups(folder / "noise_phrases.txt"),
     )
 
 
@@ -227,11 +262,13 @@ class PromptUnits(NamedTuple):
         units: Whitespace words; the class name (with anything glued to it) is one unit.
         cls: Index of the class unit.
         tail: Final punctuation of the prompt, kept at its end whatever the op does.
+        lead: Characters glued in front of the class name inside its unit (a quote, say).
     """
 
     units: list[str]
     cls: int
     tail: str
+    lead: int = 0
 
 
 def split_prompt(text: str, class_span: tuple[int, int]) -> PromptUnits:
@@ -249,7 +286,7 @@ def split_prompt(text: str, class_span: tuple[int, int]) -> PromptUnits:
     while last < stop and not text[last].isspace():
         last += 1
     before, after = text[:first].split(), text[last:stop].split()
-    return PromptUnits([*before, text[first:last], *after], len(before), text[stop:body_end])
+    return PromptUnits([*before, text[first:last], *after], len(before), text[stop:body_end], start - first)
 
 
 def _lexicon_key(words: Sequence[str]) -> str:
@@ -261,12 +298,13 @@ def synonym_candidates(units: Sequence[str], protected: int, lexicon: Lexicon) -
     """Spans ``(start, stop)`` of units with a lexicon entry, found by greedy longest match.
 
     Matching whole phrases first lets ``black and white`` be replaced as one candidate. A
-    span never crosses or includes the `protected` unit, and a stop word is never a candidate.
+    span never starts at, crosses or includes the `protected` unit (the class name, even when
+    it is itself a lexicon key), and a stop word is never a candidate.
     """
     spans: list[tuple[int, int]] = []
     i = 0
     while i < len(units):
-        length = _match_length(units, i, protected, lexicon)
+        length = _match_length(units, i, protected, lexicon) if i != protected else 0
         if length:
             spans.append((i, i + length))
         i += max(length, 1)
@@ -283,9 +321,38 @@ def _match_length(units: Sequence[str], i: int, protected: int, lexicon: Lexicon
     return 0
 
 
-def _n_edits(rate: float, n_candidates: int) -> int:
-    """The spec's edit count ``k = max(1, round(rate * n))``, or 0 without a candidate."""
-    return max(1, round(rate * n_candidates)) if n_candidates else 0
+def edit_count(op: str, amount: Amount, room: int) -> int:
+    """How many edits `op` makes at `amount` on a prompt with `room` candidates.
+
+    A rate r gives ``round(r * room)``, but at least the op's smallest edit (one unit; two for
+    `shuffle`, which cannot move a unit alone) and at most `room`; rate 0 gives 0, the identity.
+    ``weak`` is rate 0.1. ``strong`` is rate 0.5 and at least one edit more than ``weak``, so
+    it is strictly larger wherever the prompt has room for it.
+
+    Args:
+        op: One of `OPS`.
+        amount: A level name or a rate in [0, 1].
+        room: Candidates: synonym spans (`synonym`), non-class units (`mask`, `drop`), units that
+            can move at once (`shuffle`), phrase groups (`context`).
+    """
+    least = 2 if op == "shuffle" else 1
+    if room < least:
+        return 0
+
+    def at(rate: float) -> int:
+        return 0 if rate == 0 else min(room, max(least, round(rate * room)))
+
+    if amount == "strong":
+        return min(room, max(at(LEVELS["weak"]) + 1, at(LEVELS["strong"])))
+    return at(LEVELS[amount] if isinstance(amount, str) else amount)
+
+
+class Edited(NamedTuple):
+    """What an op did: the new units, where the class unit went, and how many edits it made."""
+
+    units: list[str]
+    cls: int
+    edits: int
 
 
 def _synonym_for(words: str, lexicon: Lexicon, rng: random.Random) -> str:
@@ -297,50 +364,113 @@ def _synonym_for(words: str, lexicon: Lexicon, rng: random.Random) -> str:
     return lead + choice + trail
 
 
-def _op_synonym(p: PromptUnits, rate: float, rng: random.Random, lexicon: Lexicon) -> tuple[list[str], int]:
-    """Replace k lexicon candidates with one of their synonyms."""
+def _op_synonym(p: PromptUnits, amount: Amount, rng: random.Random, lexicon: Lexicon) -> Edited:
+    """Replace k lexicon candidates (words or phrases) with one of their synonyms."""
     spans = synonym_candidates(p.units, p.cls, lexicon)
-    chosen = sorted(rng.sample(spans, _n_edits(rate, len(spans))), reverse=True)
-    units = list(p.units)
+    chosen = sorted(rng.sample(spans, edit_count("synonym", amount, len(spans))), reverse=True)
+    units, cls = list(p.units), p.cls
     for start, stop in chosen:
         units[start:stop] = [_synonym_for(" ".join(units[start:stop]), lexicon, rng)]
-    return units, len(chosen)
+        if stop <= cls:
+            cls -= stop - start - 1
+    return Edited(units, cls, len(chosen))
 
 
-def _op_mask(p: PromptUnits, rate: float, rng: random.Random, lexicon: Lexicon) -> tuple[list[str], int]:
-    """Replace k non-class units with the mask token."""
-    others = [i for i in range(len(p.units)) if i != p.cls]
-    chosen = set(rng.sample(others, _n_edits(rate, len(others))))
-    return [lexicon.mask_token if i in chosen else u for i, u in enumerate(p.units)], len(chosen)
+def _op_mask(p: PromptUnits, amount: Amount, rng: random.Random, lexicon: Lexicon) -> Edited:
+    """Replace k non-class units (not already the mask token) with the mask token."""
+    others = [i for i, unit in enumerate(p.units) if i != p.cls and unit != lexicon.mask_token]
+    chosen = set(rng.sample(others, edit_count("mask", amount, len(others))))
+    return Edited([lexicon.mask_token if i in chosen else u for i, u in enumerate(p.units)], p.cls, len(chosen))
 
 
-def _op_drop(p: PromptUnits, rate: float, rng: random.Random, lexicon: Lexicon) -> tuple[list[str], int]:
+def _op_drop(p: PromptUnits, amount: Amount, rng: random.Random, lexicon: Lexicon) -> Edited:
     """Delete k non-class units."""
     others = [i for i in range(len(p.units)) if i != p.cls]
-    chosen = set(rng.sample(others, _n_edits(rate, len(others))))
-    return [u for i, u in enumerate(p.units) if i not in chosen], len(chosen)
+    chosen = set(rng.sample(others, edit_count("drop", amount, len(others))))
+    cls = p.cls - sum(1 for i in chosen if i < p.cls)
+    return Edited([u for i, u in enumerate(p.units) if i not in chosen], cls, len(chosen))
 
 
-def _op_shuffle(p: PromptUnits, rate: float, rng: random.Random, lexicon: Lexicon) -> tuple[list[str], int]:
-    """Make k swaps of two units (the class unit included); only units that differ are swapped."""
-    units = list(p.units)
-    k = _n_edits(rate, len(units)) if len(set(units)) > 1 else 0
-    for _ in range(k):
-        i, j = rng.choice([(i, j) for i in range(len(units)) for j in range(i + 1, len(units)) if units[i] != units[j]])
-        units[i], units[j] = units[j], units[i]
-    return units, k
+def most_movable(units: Sequence[str]) -> int:
+    """The most units one rearrangement can move at once (0 when fewer than two differ).
+
+    m units can all change place exactly when no unit text fills more than half of them, so
+    repeated words ("a ... a") limit the count.
+    """
+    counts = Counter(units).values()
+    for m in range(len(units), 1, -1):
+        if sum(min(c, m // 2) for c in counts) >= m:
+            return m
+    return 0
 
 
-def _op_context(p: PromptUnits, rate: float, rng: random.Random, lexicon: Lexicon) -> tuple[list[str], int]:
-    """Insert one noise phrase right after the class unit or at the end; `rate` is not used."""
-    if not lexicon.noise_phrases:
-        return list(p.units), 0
-    phrase = rng.choice(lexicon.noise_phrases)
-    at = rng.choice(sorted({p.cls + 1, len(p.units)}))
-    return [*p.units[:at], phrase, *p.units[at:]], 1
+def _rearrangement(units: Sequence[str], k: int, rng: random.Random) -> list[int]:
+    """A random order of `units` (``order[i]`` = the unit now at position i) that moves exactly k.
+
+    k positions are drawn with no text on more than half of them, then permuted so that every
+    one of them receives a different text: a random permutation when one of a few draws does,
+    else a rotation of the positions grouped by text by the largest group's size.
+    """
+    cap, taken, chosen = k // 2, Counter(), []
+    for i in rng.sample(range(len(units)), len(units)):
+        if taken[units[i]] < cap:
+            taken[units[i]] += 1
+            chosen.append(i)
+            if len(chosen) == k:
+                break
+    chosen.sort()
+    for _ in range(_PERMUTATION_DRAWS):
+        sources = rng.sample(chosen, k)
+        if all(units[s] != units[c] for c, s in zip(chosen, sources)):
+            break
+    else:
+        grouped = sorted(chosen, key=lambda i: (units[i], i))
+        shift = max(taken.values())
+        source_of = {grouped[j]: grouped[(j + shift) % k] for j in range(k)}
+        sources = [source_of[c] for c in chosen]
+    order = list(range(len(units)))
+    for c, s in zip(chosen, sources):
+        order[c] = s
+    return order
 
 
-_OP_FUNCS: dict[str, Callable[[PromptUnits, float, random.Random, Lexicon], tuple[list[str], int]]] = {
+_PERMUTATION_DRAWS = 20
+_SHUFFLE_DRAWS = 5
+
+
+def _op_shuffle(p: PromptUnits, amount: Amount, rng: random.Random, lexicon: Lexicon) -> Edited:
+    """Move k units (the class unit included, as one block) so that each lands where another
+    text stood: moves never cancel, so the prompt always changes when two units can move."""
+    k = edit_count("shuffle", amount, most_movable(p.units))
+    if k == 0:
+        return Edited(list(p.units), p.cls, 0)
+    original = " ".join(p.units)
+    for _ in range(_SHUFFLE_DRAWS):  # a class of repeated words ("a a") can make a move invisible
+        order = _rearrangement(p.units, k, rng)
+        if " ".join(p.units[j] for j in order) != original:
+            break
+    return Edited([p.units[j] for j in order], order.index(p.cls), k)
+
+
+def _op_context(p: PromptUnits, amount: Amount, rng: random.Random, lexicon: Lexicon) -> Edited:
+    """Insert k mild phrases, each from another group, right after the class unit or at the end."""
+    groups = list(lexicon.noise_phrases.values())
+    phrases = [rng.choice(group) for group in rng.sample(groups, edit_count("context", amount, len(groups)))]
+    slots = sorted({p.cls + 1, len(p.units)})
+    placed: dict[int, list[str]] = {slot: [] for slot in slots}
+    for phrase in phrases:
+        placed[rng.choice(slots)].append(phrase)
+    units: list[str] = []
+    cls = p.cls
+    for i in range(len(p.units) + 1):
+        units += placed.get(i, [])
+        if i < len(p.units):
+            cls = len(units) if i == p.cls else cls
+            units.append(p.units[i])
+    return Edited(units, cls, len(phrases))
+
+
+_OP_FUNCS: dict[str, Callable[[PromptUnits, Amount, random.Random, Lexicon], Edited]] = {
     "synonym": _op_synonym,
     "mask": _op_mask,
     "shuffle": _op_shuffle,
@@ -349,9 +479,32 @@ _OP_FUNCS: dict[str, Callable[[PromptUnits, float, random.Random, Lexicon], tupl
 }
 
 
-def _rng(text: str, class_span: tuple[int, int], op: str, rate: float, seed: int) -> random.Random:
+def _words(units: Sequence[str], cls: int) -> list[str]:
+    """`units` as words, the class unit kept whole (its own words are not the op's to touch)."""
+    return [w for i, unit in enumerate(units) for w in ([unit] if i == cls else unit.split())]
+
+
+def _agreeing_words(before: PromptUnits, after: Edited) -> tuple[list[str], int]:
+    """The edited prompt's words with every "a"/"an" that now precedes a word it did not precede
+    before made to agree with it; also the index of the class unit among the words.
+
+    Pairs the template already had ("a origami {}") are left as they are: they are the
+    template's wording, not the op's.
+    """
+    old = _words(before.units, before.cls)
+    old_pairs = {(a.lower(), b) for a, b in zip(old, old[1:])}
+    words = _words(after.units, after.cls)
+    cls = sum(len(u.split()) for u in after.units[: after.cls])
+    for j in range(len(words) - 1):
+        if j != cls and words[j].lower() in ARTICLES and (words[j].lower(), words[j + 1]) not in old_pairs:
+            words[j] = agree(words[j], words[j + 1])
+    return words, cls
+
+
+def _rng(text: str, class_span: tuple[int, int], op: str, amount: Amount, seed: int) -> random.Random:
     """A generator seeded by a SHA-256 of the arguments: stable across processes (no salted hash)."""
-    key = repr((text, int(class_span[0]), int(class_span[1]), op, float(rate), int(seed)))
+    how = amount if isinstance(amount, str) else float(amount)
+    key = repr((text, int(class_span[0]), int(class_span[1]), op, how, int(seed)))
     return random.Random(int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big"))
 
 
@@ -360,15 +513,17 @@ class Perturbed(NamedTuple):
 
     Attributes:
         text: The perturbed prompt.
-        n_edits: Edits made; 0 exactly when the text is unchanged (the op found no candidate).
+        n_edits: Edits made (units moved, for shuffle); 0 exactly when the text is unchanged.
+        class_span: ``(start, end)`` of the class name in `text`, for a further op.
     """
 
     text: str
     n_edits: int
+    class_span: tuple[int, int]
 
 
 def perturb(
-    text: str, class_span: tuple[int, int], op: str, rate: float, seed: int, lexicon: Lexicon | None = None
+    text: str, class_span: tuple[int, int], op: str, rate: Amount, seed: int, lexicon: Lexicon | None = None
 ) -> Perturbed:
     """Apply `op` at `rate` to the filled prompt `text`, protecting the class name.
 
@@ -376,17 +531,25 @@ def perturb(
         text: A filled prompt, e.g. from `fill_template`.
         class_span: ``(start, end)`` character offsets of the class name in `text`.
         op: One of `OPS`.
-        rate: Share of candidates to edit: ``k = max(1, round(rate * n_candidates))``.
+        rate: A level name (``"weak"``, ``"strong"``) or a share of candidates in [0, 1]; see
+            `edit_count`. Rate 0 returns `text` unchanged.
         seed: Draw seed; with the other arguments it fixes the output.
         lexicon: Word lists; None uses the shipped ones.
 
     Raises:
-        UserError: an unknown op or a rate outside [0, 1].
+        UserError: an unknown op or level, or a rate outside [0, 1].
     """
-    _check_op_rate(op, rate)
+    _check_op_amount(op, rate)
     prompt = split_prompt(text, class_span)
     if lexicon is None:
         lexicon = load_lexicon()
-    units, edits = _OP_FUNCS[op](prompt, rate, _rng(text, class_span, op, rate, seed), lexicon)
-    new_text = " ".join(units) + prompt.tail
-    return Perturbed(text, 0) if edits == 0 or new_text == text else Perturbed(new_text, edits)
+    edited = _OP_FUNCS[op](prompt, rate, _rng(text, class_span, op, rate, seed), lexicon)
+    unchanged = Perturbed(text, 0, (int(class_span[0]), int(class_span[1])))
+    if edited.edits == 0:
+        return unchanged
+    words, cls = _agreeing_words(prompt, edited)
+    new_text = " ".join(words) + prompt.tail
+    if new_text == text:
+        return unchanged
+    start = len(" ".join(words[:cls])) + (1 if cls else 0) + prompt.lead
+    return Perturbed(new_text, edited.edits, (start, start + class_span[1] - class_span[0]))

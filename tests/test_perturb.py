@@ -16,8 +16,10 @@ from promptbench_vlm.perturb import (
     OPS,
     Lexicon,
     PerturbSpec,
+    edit_count,
     fill_template,
     load_lexicon,
+    most_movable,
     parse_perturbations,
     perturb,
     split_prompt,
@@ -30,8 +32,9 @@ CLASSNAMES = ["dog", "golden retriever", "black and white cat", "photo booth", "
 SEEDS = range(12)
 
 
-def k_for(rate: float, n: int) -> int:
-    return max(1, round(rate * n)) if n else 0
+def words_up_to_articles(text: str) -> list[str]:
+    """The words of a prompt without its final period, sorted, "an" counted as "a" (articles are repaired)."""
+    return sorted("a" if w == "an" else w for w in text[:-1].split())
 
 
 def non_class_count(text: str, span: tuple[int, int]) -> int:
@@ -70,7 +73,7 @@ def test_class_with_lexicon_words_is_protected():
 def test_class_name_alone_with_lexicon_words_has_no_candidate():
     text, span = fill_template("{}.", "black and white photo")
     for op in ("synonym", "mask", "drop", "shuffle"):
-        assert perturb(text, span, op, 1.0, 0) == (text, 0)
+        assert perturb(text, span, op, 1.0, 0) == (text, 0, span)
 
 
 @pytest.mark.parametrize("rate", [0.1, 0.5, 1.0])
@@ -80,7 +83,7 @@ def test_shuffle_keeps_class_unit_intact(rate):
         for seed in SEEDS:
             out = perturb(text, span, "shuffle", rate, seed)
             assert "golden retriever" in out.text
-            assert sorted(out.text[:-1].split()) == sorted(text[:-1].split())
+            assert words_up_to_articles(out.text) == words_up_to_articles(text)
 
 
 def test_shuffle_can_move_the_class_unit():
@@ -109,9 +112,11 @@ def test_trailing_period_stays_at_the_end(op):
 
 def test_split_prompt_separates_final_punctuation():
     text, span = fill_template("a {} in a video game.", "dog")
-    assert split_prompt(text, span) == (["a", "dog", "in", "a", "video", "game"], 1, ".")
+    assert split_prompt(text, span) == (["a", "dog", "in", "a", "video", "game"], 1, ".", 0)
     text, span = fill_template("a photo of a {}.", "St. Bernard")
-    assert split_prompt(text, span) == (["a", "photo", "of", "a", "St. Bernard"], 4, ".")
+    assert split_prompt(text, span) == (["a", "photo", "of", "a", "St. Bernard"], 4, ".", 0)
+    text, span = fill_template('a photo of a "{}".', "dog")
+    assert split_prompt(text, span) == (["a", "photo", "of", "a", '"dog"'], 4, ".", 1)
 
 
 # --- determinism -------------------------------------------------------------------------
@@ -161,7 +166,7 @@ def test_different_seeds_give_different_outputs(op):
 def test_mask_and_drop_counts_follow_the_formula(rate):
     for template in TEMPLATES:
         text, span = fill_template(template, "golden retriever")
-        k = k_for(rate, non_class_count(text, span))
+        k = edit_count("mask", rate, non_class_count(text, span))
         masked = perturb(text, span, "mask", rate, 1)
         assert masked.n_edits == k == masked.text.count("[MASK]")
         dropped = perturb(text, span, "drop", rate, 1)
@@ -176,39 +181,72 @@ def test_synonym_count_follows_the_formula(rate, lexicon):
         parts = split_prompt(text, span)
         n_candidates = len(synonym_candidates(parts.units, parts.cls, marked))
         out = perturb(text, span, "synonym", rate, 2, marked)
-        assert out.n_edits == k_for(rate, n_candidates) == out.text.count("SYN"), (template, out)
+        assert out.n_edits == edit_count("synonym", rate, n_candidates) == out.text.count("SYN"), (template, out)
 
 
-def test_shuffle_count_follows_the_formula():
+def test_shuffle_count_is_the_units_moved():
     text, span = fill_template("a bad photo of a large {} in a video game.", "dog")
-    for rate in (0.1, 0.5, 1.0):
-        assert perturb(text, span, "shuffle", rate, 0).n_edits == k_for(rate, 11)
+    units = split_prompt(text, span).units
+    assert most_movable(units) == 11  # "a" three times among 11 units: still all can move
+    for rate in (0.1, 0.5, 1.0, "weak", "strong"):
+        out = perturb(text, span, "shuffle", rate, 0)
+        moved = sum(a != b for a, b in zip(out.text[:-1].split(), text[:-1].split()))
+        assert out.n_edits == edit_count("shuffle", rate, 11) == moved, (rate, out)
+    assert most_movable(["a", "a", "dog"]) == 2 and most_movable(["a", "a"]) == 0
 
 
 def test_weak_and_strong_levels():
     assert LEVELS == {"weak": 0.1, "strong": 0.5}
     text, span = fill_template("a jpeg corrupted photo of a {}.", "dog")  # 6 non-class units
-    assert perturb(text, span, "mask", LEVELS["weak"], 0).n_edits == 1
-    assert perturb(text, span, "mask", LEVELS["strong"], 0).n_edits == 3
-    weak = perturb(text, span, "synonym", LEVELS["weak"], 0)  # 3 candidates: jpeg, corrupted, photo
-    strong = perturb(text, span, "synonym", LEVELS["strong"], 0)
+    assert perturb(text, span, "mask", "weak", 0).n_edits == 1
+    assert perturb(text, span, "mask", "strong", 0).n_edits == 3
+    weak = perturb(text, span, "synonym", "weak", 0)  # 3 candidates: jpeg, corrupted, photo
+    strong = perturb(text, span, "synonym", "strong", 0)
     assert (weak.n_edits, strong.n_edits) == (1, 2)
+    text, span = fill_template("a bad photo of a {}.", "dog")  # 2 candidates: rate 0.5 is 1, strong is 2
+    assert perturb(text, span, "synonym", 0.5, 0).n_edits == 1
+    assert perturb(text, span, "synonym", "strong", 0).n_edits == 2
+    assert [perturb(text, span, "context", lvl, 0).n_edits for lvl in ("weak", "strong")] == [1, 2]
+
+
+def test_edit_count_rules():
+    assert [edit_count("mask", 0.0, n) for n in (0, 1, 5)] == [0, 0, 0]
+    assert [edit_count("mask", "weak", n) for n in (0, 1, 2, 4, 20)] == [0, 1, 1, 1, 2]
+    assert [edit_count("mask", "strong", n) for n in (0, 1, 2, 4, 20)] == [0, 1, 2, 2, 10]
+    assert [edit_count("shuffle", "weak", n) for n in (0, 1, 2, 5)] == [0, 0, 2, 2]
+    assert [edit_count("shuffle", "strong", n) for n in (2, 3, 5, 8)] == [2, 3, 3, 4]
+    assert edit_count("drop", 1.0, 7) == 7 and edit_count("drop", 0.01, 7) == 1
+
+
+def test_rate_zero_is_the_identity():
+    text, span = fill_template("a bad photo of a large {} in a video game.", "dog")
+    for op in OPS:
+        assert perturb(text, span, op, 0.0, 3) == (text, 0, span)
+    assert parse_perturbations("drop:0")[0].label == "drop:0"
 
 
 def test_no_candidate_leaves_the_text_unchanged():
     text, span = fill_template("{}.", "dog")
     for op in ("synonym", "mask", "shuffle", "drop"):
-        assert perturb(text, span, op, 0.5, 0) == (text, 0)
+        assert perturb(text, span, op, 0.5, 0) == (text, 0, span)
     text, span = fill_template("the {} of a", "dog")  # only stop words around the class
-    assert perturb(text, span, "synonym", 1.0, 0) == (text, 0)
+    assert perturb(text, span, "synonym", 1.0, 0) == (text, 0, span)
 
 
-def test_context_adds_one_phrase(lexicon):
-    text, span = fill_template("a photo of a {}.", "dog")
+def test_context_adds_one_phrase_weak_and_two_of_other_groups_strong(lexicon):
+    text, span = fill_template("a photo of a {} in a video game.", "dog")
+    group_of = {p: g for g, phrases in lexicon.noise_phrases.items() for p in phrases}
     for seed in SEEDS:
-        out = perturb(text, span, "context", 0.1, seed)
+        out = perturb(text, span, "context", "weak", seed)
         assert out.n_edits == 1
-        assert any(out.text.replace(f" {p}", "", 1) == text for p in lexicon.noise_phrases)
+        assert any(out.text.replace(f" {p}", "", 1) == text for p in group_of)
+        out = perturb(text, span, "context", "strong", seed)
+        used = [p for p in group_of if f" {p}" in out.text]
+        assert out.n_edits == 2 == len({group_of[p] for p in used}), out
+        rest = out.text
+        for p in used:
+            rest = rest.replace(f" {p}", "", 1)
+        assert rest == text
 
 
 # --- lexicons ------------------------------------------------------------------------------
@@ -229,7 +267,7 @@ def test_shipped_lexicon_covers_every_content_word_of_the_60_templates(lexicon):
 def test_shipped_lexicon_entries_have_two_synonyms(lexicon):
     short = {word: syns for word, syns in lexicon.synonyms.items() if len(syns) < 2}
     assert not short
-    assert len(lexicon.noise_phrases) >= 15
+    assert sum(len(p) for p in lexicon.noise_phrases.values()) >= 15 and len(lexicon.noise_phrases) >= 3
     assert {"a", "an", "the", "of", "in"} <= lexicon.stopwords
     assert not set(lexicon.synonyms) & lexicon.stopwords
 
@@ -247,7 +285,7 @@ def test_user_lexicon_file(tmp_path):
     lex = load_lexicon(path, mask_token="<unk>")
     assert lex.synonyms == {"photo": ("snap",), "big dog": ("large hound",)}
     text, span = fill_template("A photo of a {}.", "dog")
-    assert perturb(text, span, "synonym", 0.1, 0, lex) == ("A snap of a dog.", 1)
+    assert perturb(text, span, "synonym", 0.1, 0, lex)[:2] == ("A snap of a dog.", 1)
     text, span = fill_template("Photo of a {}.", "dog")
     assert perturb(text, span, "synonym", 0.1, 0, lex).text == "Snap of a dog."
     assert perturb(text, span, "mask", 1.0, 0, lex).text == "<unk> <unk> <unk> dog."
