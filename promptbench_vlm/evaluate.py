@@ -299,13 +299,29 @@ class TemplateScores:
     pred: np.ndarray  # [B, N] argmax class
     p_true: np.ndarray  # [B, N] softmax probability of the true class
     cos_true: np.ndarray  # [B, N] cosine of image and true-class text feature
+    divergence: np.ndarray | None = None  # [B, N] JS divergence from the reference set's class distribution
+
+
+def js_divergence(logits: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Jensen-Shannon divergence (nats, in [0, ln 2]) of softmax(`logits`) and softmax(`reference`)
+    over the last axis: the logit-level companion of LPR (docs/metrics.md, ``JSD``)."""
+    logp, logq = logits.log_softmax(-1), reference.log_softmax(-1)
+    logm = torch.logaddexp(logp, logq) - np.log(2.0)
+    kl_p = (logp.exp() * (logp - logm)).sum(-1)
+    kl_q = (logq.exp() * (logq - logm)).sum(-1)
+    return (0.5 * (kl_p + kl_q)).clamp_min(0.0)
 
 
 @torch.inference_mode()
 def score_templates(
-    image_feats: torch.Tensor, labels: torch.Tensor, class_feats: torch.Tensor, logit_scale: float
+    image_feats: torch.Tensor, labels: torch.Tensor, class_feats: torch.Tensor, logit_scale: float,
+    reference: torch.Tensor | None = None,
 ) -> TemplateScores:
-    """Score images against B sets of class features ``[B, C, D]`` in bounded-memory blocks."""
+    """Score images against B sets of class features ``[B, C, D]`` in bounded-memory blocks.
+
+    With `reference` (``[B, C, D]``: the clean class features each set is a perturbation of),
+    also the JS divergence of each set's class distribution from its reference's, per image.
+    """
     n_sets, n_classes, _ = class_feats.shape
     n_images = image_feats.shape[0]
     img_block = max(1, min(n_images, LOGIT_BLOCK_ELEMENTS // max(1, n_classes)))
@@ -313,6 +329,7 @@ def score_templates(
     pred = torch.empty(n_sets, n_images, dtype=torch.long)
     p_true = torch.empty(n_sets, n_images)
     cos_true = torch.empty(n_sets, n_images)
+    divergence = torch.empty(n_sets, n_images) if reference is not None else None
     for i0 in range(0, n_images, img_block):
         v = image_feats[i0 : i0 + img_block]
         y = labels[i0 : i0 + img_block]
@@ -324,7 +341,11 @@ def score_templates(
             pred[s0 : s0 + set_block, i0 : i0 + img_block] = logits.argmax(2).cpu()
             p_true[s0 : s0 + set_block, i0 : i0 + img_block] = (true_logit - logits.logsumexp(2)).exp().cpu()
             cos_true[s0 : s0 + set_block, i0 : i0 + img_block] = true_cos.cpu()
-    return TemplateScores(pred.numpy(), p_true.numpy(), cos_true.numpy())
+            if divergence is not None:
+                ref_logits = logit_scale * torch.einsum("nd,bcd->bnc", v, reference[s0 : s0 + set_block])
+                divergence[s0 : s0 + set_block, i0 : i0 + img_block] = js_divergence(logits, ref_logits).cpu()
+    return TemplateScores(pred.numpy(), p_true.numpy(), cos_true.numpy(),
+                          None if divergence is None else divergence.numpy())
 
 
 @dataclass
@@ -334,6 +355,7 @@ class Scores:
     clean: TemplateScores  # [T, N] arrays
     pred_ens: np.ndarray  # [N] prompt-ensemble predictions
     pert_pred: list[np.ndarray]  # per perturbation spec, [T, R, N]
+    pert_divergence: list[np.ndarray]  # per perturbation spec, [T, R, N]: JS(clean, perturbed class distribution)
     text_cos: list[np.ndarray]  # per perturbation spec, [T, R, C]: cos(u_{t,c}, u'_{t,c,r})
     texts_encoded: int  # text-encoder sequences run
 
@@ -347,14 +369,16 @@ def score_shared_text(learner: PromptLearner, image_feats: torch.Tensor, labels:
     clean = score_templates(image_feats, labels, clean_feats, scale)
     ensemble = F.normalize(clean_feats.mean(0), dim=-1)  # [C, D]
     pred_ens = score_templates(image_feats, labels, ensemble.unsqueeze(0), scale).pred[0]
-    pert_pred, text_cos = [], []
+    pert_pred, pert_divergence, text_cos = [], [], []
     for rows_np in table.perturbed:
         rows = torch.as_tensor(rows_np, device=text_feats.device)  # [T, R, C]
         n_t, n_r, n_c = rows.shape
         pert_feats = text_feats[rows.reshape(n_t * n_r, n_c)]  # [T*R, C, D]
-        pert_pred.append(score_templates(image_feats, labels, pert_feats, scale).pred.reshape(n_t, n_r, -1))
+        pert = score_templates(image_feats, labels, pert_feats, scale, clean_feats.repeat_interleave(n_r, 0))
+        pert_pred.append(pert.pred.reshape(n_t, n_r, -1))
+        pert_divergence.append(pert.divergence.reshape(n_t, n_r, -1))
         text_cos.append((pert_feats.view(n_t, n_r, n_c, -1) * clean_feats.unsqueeze(1)).sum(-1).cpu().numpy())
-    return Scores(clean, pred_ens, pert_pred, text_cos, texts_encoded)
+    return Scores(clean, pred_ens, pert_pred, pert_divergence, text_cos, texts_encoded)
 
 
 @torch.inference_mode()
@@ -375,6 +399,7 @@ def score_conditional(learner: PromptLearner, image_feats: torch.Tensor, labels:
     pred = np.empty((n_t, n_images), dtype=np.int64)
     p_true, cos_true = np.empty((n_t, n_images)), np.empty((n_t, n_images))
     pert_pred = [np.empty((n_t, n_r, n_images), dtype=np.int64) for _ in table.perturbed]
+    pert_divergence = [np.empty((n_t, n_r, n_images), dtype=np.float32) for _ in table.perturbed]
     text_cos = [np.zeros((n_t, n_r, n_c)) for _ in table.perturbed]
     pred_ens = np.empty(n_images, dtype=np.int64)
     encoded = 0
@@ -397,25 +422,28 @@ def score_conditional(learner: PromptLearner, image_feats: torch.Tensor, labels:
             cos_true[t, i0 : i0 + chunk] = true_cos.cpu().numpy()
             for k in range(len(table.perturbed)):
                 pert = per_row[:, 1 + k * n_r : 1 + (k + 1) * n_r]  # [n, R, C, D]
-                pert_pred[k][t, :, i0 : i0 + chunk] = torch.einsum("nd,nrcd->rnc", v, pert).argmax(2).cpu().numpy()
+                pert_logits = scale * torch.einsum("nd,nrcd->rnc", v, pert)
+                pert_pred[k][t, :, i0 : i0 + chunk] = pert_logits.argmax(2).cpu().numpy()
+                pert_divergence[k][t, :, i0 : i0 + chunk] = js_divergence(pert_logits, logits.unsqueeze(0)).cpu().numpy()
                 text_cos[k][t] += (pert * clean.unsqueeze(1)).sum(-1).sum(0).cpu().numpy()
         ens = F.normalize(ensemble, dim=-1)
         pred_ens[i0 : i0 + chunk] = torch.einsum("nd,ncd->nc", v, ens).argmax(1).cpu().numpy()
         if progress:
             progress("images x texts", min(i0 + chunk, n_images), n_images)
     clean_scores = TemplateScores(pred, p_true.astype(np.float32), cos_true.astype(np.float32))
-    return Scores(clean_scores, pred_ens, pert_pred, [c / n_images for c in text_cos], encoded)
+    return Scores(clean_scores, pred_ens, pert_pred, pert_divergence, [c / n_images for c in text_cos], encoded)
 
 
-def per_image_counts(clean: TemplateScores, pert_pred: list[np.ndarray], labels: np.ndarray,
-                     specs: Sequence[PerturbSpec]) -> dict:
+def per_image_counts(scores: Scores, labels: np.ndarray, specs: Sequence[PerturbSpec]) -> dict:
     """Per-image values as small integers, so a result file can hold them for paired tests.
 
     ``correct`` counts the templates (of T) that classify each image right, ``sensitivity`` is
     Var_t p_true (rounded to 1e-8); per perturbation, ``correct`` and ``preserved`` (prediction
-    equal to the clean one of the same template) count over T x R. Every per-image headline
-    metric of `metrics.per_image_clean` / `per_image_perturbation` follows from these exactly.
+    equal to the clean one of the same template) count over T x R, and ``divergence`` is the
+    mean JS divergence over T x R (rounded to 1e-8). Every per-image headline metric of
+    `metrics.per_image_clean` / `per_image_perturbation` follows from these exactly.
     """
+    clean = scores.clean
     sensitivity = metrics.per_image_clean(clean.pred, clean.p_true, labels)["sensitivity"]
     return {
         "labels": labels.tolist(),
@@ -423,8 +451,9 @@ def per_image_counts(clean: TemplateScores, pert_pred: list[np.ndarray], labels:
         "sensitivity": np.round(sensitivity, 8).tolist(),
         "perturbations": {
             spec.label: {"correct": np.count_nonzero(pp == labels, axis=(0, 1)).tolist(),
-                         "preserved": np.count_nonzero(pp == clean.pred[:, None, :], axis=(0, 1)).tolist()}
-            for spec, pp in zip(specs, pert_pred)
+                         "preserved": np.count_nonzero(pp == clean.pred[:, None, :], axis=(0, 1)).tolist(),
+                         "divergence": np.round(np.mean(js, axis=(0, 1), dtype=np.float64), 8).tolist()}
+            for spec, pp, js in zip(specs, scores.pert_pred, scores.pert_divergence)
         },
     }
 
@@ -443,13 +472,15 @@ def merge_scores(parts: list[Scores | None], weights: list[int], conditional: bo
     clean = TemplateScores(*(np.concatenate([getattr(p.clean, f) for p in ss], axis=1)
                              for f in ("pred", "p_true", "cos_true")))
     pert_pred = [np.concatenate([p.pert_pred[k] for p in ss], axis=2) for k in range(len(ss[0].pert_pred))]
+    pert_divergence = [np.concatenate([p.pert_divergence[k] for p in ss], axis=2)
+                       for k in range(len(ss[0].pert_divergence))]
     if conditional:
         total = sum(w for _, w in kept)
         text_cos = [sum(w * p.text_cos[k] for p, w in kept) / total for k in range(len(ss[0].text_cos))]
         encoded = sum(p.texts_encoded for p in ss)
     else:
         text_cos, encoded = ss[0].text_cos, ss[0].texts_encoded
-    return Scores(clean, np.concatenate([p.pred_ens for p in ss]), pert_pred, text_cos, encoded)
+    return Scores(clean, np.concatenate([p.pred_ens for p in ss]), pert_pred, pert_divergence, text_cos, encoded)
 
 
 def run_metrics(scores: Scores, labels: np.ndarray, table: PromptTable, settings: EvalSettings
@@ -461,10 +492,12 @@ def run_metrics(scores: Scores, labels: np.ndarray, table: PromptTable, settings
     """
     clean = scores.clean
     groups = [metrics.clean_points(clean.pred, clean.p_true, clean.cos_true, labels, scores.pred_ens)]
-    groups += [metrics.perturbation_points(clean.pred, pert_pred, labels, text_cos, unchanged)
-               for pert_pred, text_cos, unchanged in zip(scores.pert_pred, scores.text_cos, table.unchanged)]
+    groups += [metrics.perturbation_points(clean.pred, pert_pred, labels, text_cos, edits == 0, divergence=divergence,
+                                           edits=edits)
+               for pert_pred, divergence, text_cos, edits in zip(scores.pert_pred, scores.pert_divergence,
+                                                                 scores.text_cos, table.edits)]
     clean_metrics, *pert_metrics = metrics.with_intervals(groups, n_resamples=settings.bootstrap, seed=settings.seed)
-    return clean_metrics, pert_metrics, per_image_counts(clean, scores.pert_pred, labels, settings.perturbations)
+    return clean_metrics, pert_metrics, per_image_counts(scores, labels, settings.perturbations)
 
 
 class Evaluator:

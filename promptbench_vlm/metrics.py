@@ -1,7 +1,8 @@
 """Pure metric functions on per-template arrays, with bootstrap intervals over images.
 
-Every headline metric (``acc_mean``, ``sensitivity``, ``acc_pert``, ``AS``, ``LPR``) is the
-mean over images of a per-image quantity. The per-image vectors are exposed
+Every headline metric (``acc_mean``, ``sensitivity``, ``acc_pert``, ``AS``, ``LPR`` the Logit
+Preservation Rate, ``JSD`` its continuous companion) is the mean over images of a per-image
+quantity. The per-image vectors are exposed
 (`per_image_clean`, `per_image_perturbation`) so that an interval is the bootstrap of one
 vector's mean and two learners evaluated on the same images can be compared pairwise
 (`paired_difference`). Definitions: ``docs/metrics.md``.
@@ -12,6 +13,32 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+# What each metric key of a result file stands for (docs/metrics.md has the definitions); the CSV
+# export writes these beside the keys so a table read on its own still says what LPR is.
+METRIC_NAMES: dict[str, str] = {
+    "acc_mean": "accuracy, mean over templates (%)",
+    "acc_std": "accuracy, std over templates",
+    "acc_min": "accuracy, worst template (%)",
+    "acc_max": "accuracy, best template (%)",
+    "acc_spread": "accuracy spread, max - min (points)",
+    "ensemble_acc": "prompt-ensemble accuracy (%)",
+    "sensitivity": "sensitivity S(θ), Var_t of p(true)",
+    "sensitivity_cos": "sensitivity on cosine",
+    "flip_rate": "flip rate (share of images)",
+    "acc_pert": "accuracy under the perturbation (%)",
+    "AS": "accuracy shift (points)",
+    "LPR": "Logit Preservation Rate (% of perturbed top-1 predictions equal to the clean one)",
+    "JSD": "Jensen-Shannon divergence of perturbed and clean class distributions (nats)",
+    "TS": "text shift (1 - cosine of clean and perturbed class text features)",
+    "PDR": "performance drop rate",
+    "unchanged_frac": "share of filled prompts the op could not change",
+    "edits": "edits per filled prompt (units moved, for shuffle)",
+    "base": "base-class accuracy (%)",
+    "new": "new-class accuracy (%)",
+    "H": "harmonic mean of base and new accuracy",
+}
+
 # Largest resample batch (resamples x images): 2.5e6 int64 draws plus their float64 count matrix,
 # about 60 MB at any N and number of resamples (N = 50,000 x 1000 too).
 MAX_RESAMPLE_ELEMENTS = 2_500_000
@@ -108,18 +135,21 @@ def per_image_clean(pred: np.ndarray, p_true: np.ndarray, labels: np.ndarray) ->
     }
 
 
-def per_image_perturbation(pred: np.ndarray, pred_pert: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+def per_image_perturbation(pred: np.ndarray, pred_pert: np.ndarray, labels: np.ndarray,
+                           divergence: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Per-image quantities whose means over images are the perturbation headline metrics.
 
     Args:
         pred: ``[T, N]`` clean predictions.
         pred_pert: ``[T, R, N]`` predictions with draw r of the perturbed template t.
         labels: ``[N]`` true classes.
+        divergence: ``[T, R, N]`` JS divergence of the perturbed from the clean class
+            distribution, if computed.
 
     Returns:
         ``acc_pert`` (100 * mean_{t,r} correct), ``AS`` (clean minus perturbed per-image
-        accuracy, points) and ``LPR`` (100 * mean_{t,r} 1[perturbed pred = clean pred]),
-        each float64 ``[N]``.
+        accuracy, points), ``LPR`` (Logit Preservation Rate: 100 * mean_{t,r} 1[perturbed
+        pred = clean pred]) and, with `divergence`, ``JSD`` (its mean over t, r), each float64 ``[N]``.
     """
     pred, pred_pert, labels = np.asarray(pred), np.asarray(pred_pert), np.asarray(labels)
     _check_labels(pred, labels)
@@ -130,7 +160,12 @@ def per_image_perturbation(pred: np.ndarray, pred_pert: np.ndarray, labels: np.n
     acc_clean = 100.0 * np.count_nonzero(pred == labels, axis=0) / n_templates
     acc_pert = 100.0 * np.count_nonzero(pred_pert == labels, axis=(0, 1)) / n_pert
     lpr = 100.0 * np.count_nonzero(pred_pert == pred[:, None, :], axis=(0, 1)) / n_pert
-    return {"acc_pert": acc_pert, "AS": acc_clean - acc_pert, "LPR": lpr}
+    out = {"acc_pert": acc_pert, "AS": acc_clean - acc_pert, "LPR": lpr}
+    if divergence is not None:
+        divergence = np.asarray(divergence)
+        _check_same_shape("divergence", divergence, pred_pert.shape)
+        out["JSD"] = np.mean(divergence, axis=(0, 1), dtype=np.float64)
+    return out
 
 
 def _check_resampling(per_image: np.ndarray, n_resamples: int) -> np.ndarray:
@@ -327,21 +362,26 @@ def clean_metrics(
 
 
 def perturbation_points(
-    pred: np.ndarray, pred_pert: np.ndarray, labels: np.ndarray, text_cos: np.ndarray, unchanged: np.ndarray
+    pred: np.ndarray, pred_pert: np.ndarray, labels: np.ndarray, text_cos: np.ndarray, unchanged: np.ndarray,
+    *, divergence: np.ndarray | None = None, edits: np.ndarray | None = None,
 ) -> tuple[dict[str, Estimate], dict[str, np.ndarray]]:
     """Point estimates of `perturbation_metrics` and the per-image vectors that get intervals."""
     pred_pert, text_cos, unchanged = np.asarray(pred_pert), np.asarray(text_cos), np.asarray(unchanged)
-    per_image = per_image_perturbation(pred, pred_pert, labels)
+    per_image = per_image_perturbation(pred, pred_pert, labels, divergence)
     if text_cos.ndim != 3 or text_cos.shape[:2] != pred_pert.shape[:2]:
         raise ValueError(f"text_cos has shape {text_cos.shape}, expected [T, R, C] with [T, R] = {pred_pert.shape[:2]}")
     _check_same_shape("unchanged", unchanged, text_cos.shape)
     n_draws = pred_pert.shape[1]
     clean_sum = float(per_template_accuracy(pred, labels).sum())
     pert_sum = float(per_template_accuracy(pred_pert, labels).sum())
-    out = {name: Estimate(float(np.mean(per_image[name]))) for name in ("acc_pert", "AS", "LPR")}
+    out = {name: Estimate(float(np.mean(values))) for name, values in per_image.items()}
     out["TS"] = Estimate(1.0 - float(np.mean(text_cos, dtype=np.float64)))
     out["PDR"] = Estimate(1.0 - pert_sum / (n_draws * clean_sum) if clean_sum > 0 else 0.0)
     out["unchanged_frac"] = Estimate(float(np.mean(unchanged, dtype=np.float64)))
+    if edits is not None:
+        edits = np.asarray(edits)
+        _check_same_shape("edits", edits, text_cos.shape)
+        out["edits"] = Estimate(float(np.mean(edits, dtype=np.float64)))
     return out, per_image
 
 
@@ -352,6 +392,8 @@ def perturbation_metrics(
     text_cos: np.ndarray,
     unchanged: np.ndarray,
     *,
+    divergence: np.ndarray | None = None,
+    edits: np.ndarray | None = None,
     n_resamples: int = 1000,
     seed: int = 0,
     confidence: float = 0.95,
@@ -364,17 +406,20 @@ def perturbation_metrics(
         labels: ``[N]`` true classes.
         text_cos: ``[T, R, C]`` cosine of clean and perturbed class text features.
         unchanged: ``[T, R, C]`` True where the op could not change the filled prompt.
+        divergence: ``[T, R, N]`` JS divergence of perturbed from clean class distributions.
+        edits: ``[T, R, C]`` edits the op made to each filled prompt.
         n_resamples: Bootstrap resamples; 0 turns intervals off.
         seed: Bootstrap seed.
         confidence: Interval confidence level.
 
     Returns:
-        ``acc_pert``, ``AS``, ``LPR`` (with intervals over images), ``TS`` (no interval: it is
-        a mean over classes, not images), ``PDR`` and ``unchanged_frac``. PDR is 0.0 when
-        every clean template has accuracy 0, since there is nothing left to drop.
+        ``acc_pert``, ``AS``, ``LPR`` and, with `divergence`, ``JSD`` (with intervals over
+        images), ``TS`` (no interval: it is a mean over classes, not images), ``PDR``,
+        ``unchanged_frac`` and, with `edits`, ``edits`` (mean edits per filled prompt). PDR is
+        0.0 when every clean template has accuracy 0, since there is nothing left to drop.
     """
     _check_n_resamples(n_resamples)
-    group = perturbation_points(pred, pred_pert, labels, text_cos, unchanged)
+    group = perturbation_points(pred, pred_pert, labels, text_cos, unchanged, divergence=divergence, edits=edits)
     return with_intervals([group], n_resamples=n_resamples, seed=seed, confidence=confidence)[0]
 
 

@@ -35,13 +35,13 @@ class PromptTable:
         texts: The unique prompt strings, in first-seen order.
         clean: ``[T, C]`` row of each filled clean template.
         perturbed: Per perturbation spec, ``[T, R, C]`` rows of the perturbed prompts.
-        unchanged: Per perturbation spec, ``[T, R, C]`` True where the op found no candidate.
+        edits: Per perturbation spec, ``[T, R, C]`` edits made; 0 where the op found no candidate.
     """
 
     texts: list[str]
     clean: np.ndarray
     perturbed: list[np.ndarray]
-    unchanged: list[np.ndarray]
+    edits: list[np.ndarray]
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         """The table as named tensors (strings as UTF-8 bytes and offsets) for a safetensors file."""
@@ -49,8 +49,8 @@ class PromptTable:
         offsets = np.cumsum([0] + [len(b) for b in encoded])
         out = {"text_bytes": torch.frombuffer(bytearray(b"".join(encoded)) or bytearray(1), dtype=torch.uint8),
                "text_offsets": torch.from_numpy(offsets.astype(np.int64)), "clean": torch.from_numpy(self.clean)}
-        for k, (rows, same) in enumerate(zip(self.perturbed, self.unchanged)):
-            out[f"perturbed_{k}"], out[f"unchanged_{k}"] = torch.from_numpy(rows), torch.from_numpy(same)
+        for k, (rows, made) in enumerate(zip(self.perturbed, self.edits)):
+            out[f"perturbed_{k}"], out[f"edits_{k}"] = torch.from_numpy(rows), torch.from_numpy(made)
         return out
 
     @classmethod
@@ -59,7 +59,7 @@ class PromptTable:
         data, offsets = tensors["text_bytes"].numpy().tobytes(), tensors["text_offsets"].tolist()
         texts = [data[a:b].decode("utf-8") for a, b in zip(offsets, offsets[1:])]
         return cls(texts, tensors["clean"].numpy(), [tensors[f"perturbed_{k}"].numpy() for k in range(n_specs)],
-                   [tensors[f"unchanged_{k}"].numpy() for k in range(n_specs)])
+                   [tensors[f"edits_{k}"].numpy() for k in range(n_specs)])
 
 
 def draw_seed(seed: int, draw: int) -> int:
@@ -68,10 +68,10 @@ def draw_seed(seed: int, draw: int) -> int:
 
 
 def _perturb_cell(filled: list[tuple[str, tuple[int, int]]], spec: PerturbSpec, draws: int, seed: int,
-                  lexicon: Lexicon) -> list[list[tuple[str, bool]]]:
-    """``[R][C]`` (perturbed text, unchanged) of one template's filled prompts under one spec."""
-    return [[(out.text, out.n_edits == 0)
-             for out in (perturb(text, span, spec.op, spec.rate, draw_seed(seed, r), lexicon) for text, span in filled)]
+                  lexicon: Lexicon) -> list[list[tuple[str, int]]]:
+    """``[R][C]`` (perturbed text, edits) of one template's filled prompts under one spec."""
+    return [[(out.text, out.n_edits)
+             for out in (perturb(text, span, spec.op, spec.amount, draw_seed(seed, r), lexicon) for text, span in filled)]
             for r in range(draws)]
 
 
@@ -103,12 +103,12 @@ def build_prompt_table(
         done.update(other)
     shape = (len(templates), draws, len(classnames))
     perturbed = [np.empty(shape, dtype=np.int64) for _ in perturbations]
-    unchanged = [np.zeros(shape, dtype=bool) for _ in perturbations]
+    edits = [np.zeros(shape, dtype=np.int32) for _ in perturbations]
     for k, t in cells:
         for r, outs in enumerate(done[k, t]):
             perturbed[k][t, r] = [row(text) for text, _ in outs]
-            unchanged[k][t, r] = [same for _, same in outs]
-    return PromptTable(list(index), clean, perturbed, unchanged)
+            edits[k][t, r] = [made for _, made in outs]
+    return PromptTable(list(index), clean, perturbed, edits)
 
 
 @functools.cache
@@ -137,7 +137,7 @@ def table_key(templates: Sequence[str], classnames: Sequence[str], perturbations
     return {
         "templates": list(templates),
         "classnames": list(classnames),
-        "perturbations": [[spec.op, spec.rate] for spec in perturbations],
+        "perturbations": [[spec.op, spec.rate, spec.level] for spec in perturbations],
         "draws": draws,
         "seed": seed,
         "lexicon": digest(_lexicon_content(lexicon)),
@@ -157,8 +157,8 @@ def _stored_table(cache: FeatureCache, key: dict[str, Any], shape: tuple[int, in
         cache.warn(f"stored prompt table is corrupt ({type(err).__name__}: {err}); rebuilding it")
         return None
     arrays = (table.clean, *table.perturbed)
-    if (table.clean.shape != shape[::2] or any(p.shape != shape or u.shape != shape
-                                                for p, u in zip(table.perturbed, table.unchanged))
+    if (table.clean.shape != shape[::2] or any(p.shape != shape or e.shape != shape
+                                                for p, e in zip(table.perturbed, table.edits))
             or any(a.size and not 0 <= a.min() <= a.max() < len(table.texts) for a in arrays)):
         cache.warn("stored prompt table does not fit its key; rebuilding it")
         return None

@@ -7,24 +7,20 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from .metrics import METRIC_NAMES
 from .wordings import subset_templates
 
-CLEAN_ROWS = [
-    ("acc_mean", "accuracy, mean over templates (%)"),
-    ("acc_std", "accuracy, std over templates"),
-    ("acc_min", "accuracy, worst template (%)"),
-    ("acc_max", "accuracy, best template (%)"),
-    ("acc_spread", "accuracy spread, max - min (points)"),
-    ("ensemble_acc", "prompt-ensemble accuracy (%)"),
-    ("sensitivity", "sensitivity S(θ), Var_t of p(true)"),
-    ("sensitivity_cos", "sensitivity on cosine"),
-    ("flip_rate", "flip rate (share of images)"),
-]
+CLEAN_ROWS = [(key, METRIC_NAMES[key]) for key in ("acc_mean", "acc_std", "acc_min", "acc_max", "acc_spread",
+                                                   "ensemble_acc", "sensitivity", "sensitivity_cos", "flip_rate")]
 # (metric key, column header, digits, show interval): intervals on the headline AS and LPR only
-# and no acc' column (it is acc_mean - AS), so the table fits an 80-column terminal; every
-# metric and interval is in the JSON and the CSV.
-PERTURBATION_COLUMNS = [("AS", "AS [95% CI]", 1, True), ("LPR", "LPR [95% CI]", 1, True),
-                        ("TS", "TS", 3, False), ("PDR", "PDR", 3, False), ("unchanged_frac", "unch.", 2, False)]
+# and no acc' column (it is acc_mean - AS), so the table stays narrow; every metric and interval
+# is in the JSON and the CSV. A file written before a metric existed shows "-" in its column.
+PERTURBATION_COLUMNS = [("edits", "edits", 2, False), ("AS", "AS [95% CI]", 1, True),
+                        ("LPR", "LPR [95% CI]", 1, True), ("JSD", "JSD", 4, False), ("TS", "TS", 3, False),
+                        ("PDR", "PDR", 3, False), ("unchanged_frac", "unch.", 2, False)]
+PERTURBATION_TITLE = ("perturbations: edits per prompt, AS accuracy shift (points), LPR Logit Preservation Rate "
+                      "(% top-1 agreement with the clean prediction), JSD Jensen-Shannon divergence of the class "
+                      "distributions (nats), TS text shift")
 
 
 def fmt(estimate: dict[str, Any] | None, digits: int = 2, interval: bool = True) -> str:
@@ -65,8 +61,7 @@ def render(doc: dict[str, Any], console: Console | None = None, n_templates: int
                 clean.add_row(label, fmt(body["metrics"][key]))
         console.print(clean)
         if body["perturbations"]:
-            pert = Table(title="perturbations: AS accuracy shift (points), LPR label preservation (%), TS text shift",
-                         title_justify="left")
+            pert = Table(title=PERTURBATION_TITLE, title_justify="left")
             pert.add_column("op:level", no_wrap=True)
             for _, label, _, _ in PERTURBATION_COLUMNS:
                 pert.add_column(label, justify="right", no_wrap=True)

@@ -151,24 +151,27 @@ def read_result(path: str | Path) -> dict[str, Any]:
 
 
 def result_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    """Flatten a result into long-format rows: subset, group, metric, value, ci_low, ci_high."""
+    """Flatten a result into long-format rows: subset, group, metric, value, ci_low, ci_high, name
+    (what the metric key stands for; empty for a template's row)."""
+    from .metrics import METRIC_NAMES
+
     rows = []
     for subset, body in doc["subsets"].items():
         groups = [("clean", body["metrics"])] + [(p["label"], p["metrics"]) for p in body["perturbations"]]
         for group, values in groups:
             for metric, est in values.items():
                 ci = est.get("ci") or [None, None]
-                rows.append({"subset": subset, "group": group, "metric": metric,
-                             "value": est["value"], "ci_low": ci[0], "ci_high": ci[1]})
+                rows.append({"subset": subset, "group": group, "metric": metric, "value": est["value"],
+                             "ci_low": ci[0], "ci_high": ci[1], "name": METRIC_NAMES.get(metric, "")})
         for template, acc in zip(subset_templates(doc, subset), body["per_template_acc"]):
             rows.append({"subset": subset, "group": "template", "metric": template,
-                         "value": acc, "ci_low": None, "ci_high": None})
+                         "value": acc, "ci_low": None, "ci_high": None, "name": ""})
     for key, value in (doc.get("base_new") or {}).items():
         rows.append({"subset": "base_new", "group": "clean", "metric": key,
-                     "value": value, "ci_low": None, "ci_high": None})
+                     "value": value, "ci_low": None, "ci_high": None, "name": METRIC_NAMES.get(key, "")})
     for pool, values in (doc.get("base_new_by_wording") or {}).items():
         rows += [{"subset": f"base_new@{pool}", "group": "clean", "metric": key, "value": value,
-                  "ci_low": None, "ci_high": None} for key, value in values.items()]
+                  "ci_low": None, "ci_high": None, "name": METRIC_NAMES.get(key, "")} for key, value in values.items()]
     return rows
 
 
@@ -177,7 +180,7 @@ def write_csv(doc: dict[str, Any], path: str | Path) -> Path:
     path = Path(path)
     rows = result_rows(doc)
     with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=["subset", "group", "metric", "value", "ci_low", "ci_high"])
+        writer = csv.DictWriter(f, fieldnames=["subset", "group", "metric", "value", "ci_low", "ci_high", "name"])
         writer.writeheader()
         writer.writerows(rows)
     return path

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
-from conftest import TINY_CONFIG, run_cli
+from conftest import TINY_CONFIG, run_cli, run_console
 
 from promptbench_vlm.results import read_result
 
@@ -31,11 +32,26 @@ def test_evaluate_prints_table_and_writes_json_and_csv(monkeypatch, capsys, imag
     assert doc["run"]["seed"] == 0 and doc["run"]["backbone_sha256"] and doc["complete"] is True
     assert body["counts"]["images_encoded"] == 12
     lines = out_csv.read_text().splitlines()
-    assert lines[0] == "subset,group,metric,value,ci_low,ci_high"
-    assert any(line.startswith("all,drop:strong,LPR,") for line in lines)
+    assert lines[0] == "subset,group,metric,value,ci_low,ci_high,name"
+    lpr = next(line for line in lines if line.startswith("all,drop:strong,LPR,"))
+    assert lpr.endswith(",Logit Preservation Rate (% of perturbed top-1 predictions equal to the clean one)")
+    assert any(line.startswith("all,drop:strong,JSD,") for line in lines)
 
     code, out, _ = run_cli(monkeypatch, capsys, "report", str(out_json))
     assert code == 0 and "drop:strong" in out
+
+
+def test_report_of_a_result_file_written_before_issue_20_renders_lpr_under_its_name(tmp_path):
+    old = Path(__file__).parent / "data" / "result-v1-before-issue20.json"
+    proc = run_console("report", str(old), "--csv", str(tmp_path / "old.csv"))
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())
+    assert "LPR Logit Preservation Rate" in text and "label preservation" not in text.lower()
+    row = next(line for line in proc.stdout.splitlines() if "synonym:weak" in line)
+    cells = [c.strip() for c in row.strip("│ ").split("│")]
+    assert cells[0] == "synonym:weak" and cells[3].startswith("66.7") and cells[1] == cells[4] == "-"  # no edits/JSD
+    csv_rows = (tmp_path / "old.csv").read_text(encoding="utf-8").splitlines()
+    assert any(r.startswith("all,synonym:weak,LPR,66.6") and "Logit Preservation Rate" in r for r in csv_rows)
 
 
 def test_base_new_reports_h(monkeypatch, capsys, image_folder, tmp_path):

@@ -119,8 +119,9 @@ def test_result_files_carry_per_image_values_that_reproduce_the_metrics(learner_
     assert values["acc_mean"].mean() == pytest.approx(body["metrics"]["acc_mean"]["value"])
     assert values["sensitivity"].mean() == pytest.approx(body["metrics"]["sensitivity"]["value"], abs=1e-7)
     for pert in body["perturbations"]:
-        for metric in ("acc_pert", "AS", "LPR"):
-            assert values[f"{pert['label']}/{metric}"].mean() == pytest.approx(pert["metrics"][metric]["value"])
+        for metric in ("acc_pert", "AS", "LPR", "JSD"):
+            assert values[f"{pert['label']}/{metric}"].mean() == pytest.approx(pert["metrics"][metric]["value"],
+                                                                               abs=1e-7)
     old = json.loads(json.dumps(doc))
     del old["subsets"]["all"]["per_image"]  # a file written before per-image values existed
     assert per_image_values(old, "all") is None

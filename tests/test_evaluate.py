@@ -74,6 +74,8 @@ def test_streaming_in_small_blocks_gives_the_same_scores(zeroshot, colour_datase
     assert blocked.per_template_acc == whole.per_template_acc
     assert blocked.metrics["sensitivity"].value == pytest.approx(whole.metrics["sensitivity"].value, abs=1e-7)
     assert blocked.perturbations[0].metrics["LPR"].value == whole.perturbations[0].metrics["LPR"].value
+    assert blocked.perturbations[0].metrics["JSD"].value == pytest.approx(whole.perturbations[0].metrics["JSD"].value,
+                                                                          abs=1e-7)
 
 
 def test_encode_once(zeroshot, colour_dataset):
@@ -100,6 +102,28 @@ def test_perturbation_metrics_are_consistent(zeroshot, colour_dataset):
     assert m["TS"].value > 0  # masking half the words moves the text features
     lo, hi = result.metrics["acc_mean"].ci
     assert lo <= result.metrics["acc_mean"].value <= hi
+
+
+def test_divergence_and_edits_match_direct_computation(zeroshot, colour_dataset):
+    from scipy.spatial.distance import jensenshannon
+
+    specs = tuple(parse_perturbations("drop:strong,shuffle:0"))
+    result = Evaluator(zeroshot, EvalSettings(templates=TEMPLATES, perturbations=specs, bootstrap=0)).run(colour_dataset)
+    table = build_prompt_table(TEMPLATES, colour_dataset.classnames, specs, 1, 0, load_lexicon())
+    clean_logits, v, _ = direct_scores(zeroshot, colour_dataset, TEMPLATES)
+    with torch.no_grad():
+        u = torch.stack([zeroshot.encode_texts([table.texts[i] for i in row]) for row in table.perturbed[0][:, 0]])
+        pert_logits = zeroshot.logit_scale * torch.einsum("nd,tcd->tnc", v, u)
+    p, q = clean_logits.softmax(2).double().numpy(), pert_logits.softmax(2).double().numpy()
+    expected = np.mean(jensenshannon(p, q, axis=2) ** 2)  # scipy gives the distance, the root of the divergence
+    dropped, identity = (r.metrics for r in result.perturbations)
+    assert dropped["JSD"].value == pytest.approx(expected, rel=1e-4, abs=1e-7) and dropped["JSD"].value > 0
+    assert dropped["edits"].value == pytest.approx(table.edits[0].mean()) and dropped["edits"].value >= 2
+    assert identity["JSD"].value == pytest.approx(0.0, abs=1e-7)  # float32 rounding of equal distributions
+    assert (identity["LPR"].value, identity["edits"].value) == (100.0, 0.0)
+    assert identity["unchanged_frac"].value == 1.0
+    counts = result.per_image["perturbations"]["drop:strong"]["divergence"]
+    assert np.mean(counts) == pytest.approx(dropped["JSD"].value, abs=1e-7)
 
 
 def test_corrupt_images_are_skipped_and_counted(zeroshot):
@@ -137,6 +161,7 @@ def test_conditional_learner_that_ignores_the_image_matches_the_shared_path(tiny
     assert conditional.metrics["ensemble_acc"].value == shared.metrics["ensemble_acc"].value
     for a, b in zip(conditional.perturbations, shared.perturbations):
         assert a.metrics["LPR"].value == b.metrics["LPR"].value
+        assert a.metrics["JSD"].value == pytest.approx(b.metrics["JSD"].value, abs=1e-6)
         assert a.metrics["TS"].value == pytest.approx(b.metrics["TS"].value, abs=1e-5)
 
 

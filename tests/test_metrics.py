@@ -116,6 +116,22 @@ def test_perturbation_metrics_by_hand():
     assert all(v.ci is None for v in m.values())
 
 
+def test_divergence_and_edits_by_hand():
+    divergence = np.array([[[0.1, 0.0, 0.3], [0.1, 0.2, 0.3]], [[0.0, 0.0, 0.3], [0.2, 0.2, 0.3]]])  # [T, R, N]
+    edits = np.array([[[1, 2], [1, 0]], [[3, 1], [2, 2]]])  # [T, R, C]
+    m = perturbation_metrics(P_PRED, P_PRED_PERT, P_LABELS, TEXT_COS, UNCHANGED, divergence=divergence,
+                             edits=edits, n_resamples=200)
+    per_image = per_image_perturbation(P_PRED, P_PRED_PERT, P_LABELS, divergence)["JSD"]
+    np.testing.assert_allclose(per_image, [0.1, 0.1, 0.3])  # mean over t and r of each image
+    assert m["JSD"].value == pytest.approx(0.5 / 3) and m["JSD"].ci[0] <= m["JSD"].value <= m["JSD"].ci[1]
+    assert m["edits"].value == pytest.approx(12 / 8) and m["edits"].ci is None
+    assert "JSD" not in perturbation_metrics(P_PRED, P_PRED_PERT, P_LABELS, TEXT_COS, UNCHANGED, n_resamples=0)
+    with pytest.raises(ValueError, match="divergence"):
+        perturbation_metrics(P_PRED, P_PRED_PERT, P_LABELS, TEXT_COS, UNCHANGED, divergence=divergence[:1])
+    with pytest.raises(ValueError, match="edits"):
+        perturbation_metrics(P_PRED, P_PRED_PERT, P_LABELS, TEXT_COS, UNCHANGED, edits=edits[:, :1])
+
+
 def test_identical_perturbation_is_neutral():
     pred_pert = np.repeat(P_PRED[:, None, :], 3, axis=1)
     m = perturbation_metrics(P_PRED, pred_pert, P_LABELS, np.ones((2, 3, 2)), np.ones((2, 3, 2), bool), n_resamples=0)

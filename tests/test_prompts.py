@@ -20,7 +20,7 @@ SPECS = tuple(parse_perturbations("synonym:0.5,drop:strong,shuffle:weak"))
 def assert_same_table(a: PromptTable, b: PromptTable) -> None:
     assert a.texts == b.texts
     np.testing.assert_array_equal(a.clean, b.clean)
-    for x, y in zip(a.perturbed + a.unchanged, b.perturbed + b.unchanged, strict=True):
+    for x, y in zip(a.perturbed + a.edits, b.perturbed + b.edits, strict=True):
         np.testing.assert_array_equal(x, y)
 
 

@@ -43,7 +43,9 @@ def write_markdown(path: str | Path, title: str, setup: list[str], summaries: li
     pert = perturbation_tables(summaries)
     if pert:
         parts += ["## Perturbations", "", "AS accuracy shift (points, positive = the perturbation hurts), "
-                  "LPR label preservation (%), TS text shift (1 − cosine; no interval: it is a mean over classes).", ""]
+                  "LPR Logit Preservation Rate (% of predictions equal to the clean one), JSD Jensen-Shannon "
+                  "divergence of perturbed and clean class distributions (nats), "
+                  "TS text shift (1 − cosine; no interval: it is a mean over classes).", ""]
         parts += [to_markdown(t) for t in pert]
     if plots:
         parts += ["## Figures", ""]

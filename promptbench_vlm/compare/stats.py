@@ -22,7 +22,9 @@ from ..wordings import POOLS
 from .inference import SeedTest, crossed_bootstrap, holm, seed_paired_test
 
 CLEAN_METRICS = ("acc_mean", "sensitivity")
-PERTURBATION_METRICS = ("AS", "LPR", "TS")
+PERTURBATION_METRICS = ("AS", "LPR", "JSD", "TS")
+# JSD is summarised with intervals but kept out of the paired family, so it does not change the
+# Holm correction of the AS and LPR verdicts.
 PAIRED_PERTURBATION_METRICS = ("AS", "LPR")
 ALPHA = 0.05
 """Family-wise error rate of the Holm-corrected verdicts."""
@@ -106,8 +108,9 @@ class Comparison:
 def per_image_values(doc: dict[str, Any], subset: str) -> tuple[np.ndarray, dict[str, np.ndarray]] | None:
     """Labels and per-image metric vectors of one subset from the result file's counts.
 
-    Keys are ``acc_mean``, ``sensitivity`` and ``OP:LEVEL/acc_pert|AS|LPR``; the values are the
-    per-image quantities of docs/metrics.md. None for a file written before results carried them.
+    Keys are ``acc_mean``, ``sensitivity`` and ``OP:LEVEL/acc_pert|AS|LPR|JSD`` (JSD where the file
+    has it); the values are the per-image quantities of docs/metrics.md. None for a file written
+    before results carried them.
     """
     body = doc["subsets"][subset]
     counts = body.get("per_image")
@@ -123,6 +126,8 @@ def per_image_values(doc: dict[str, Any], subset: str) -> tuple[np.ndarray, dict
         values[f"{label}/acc_pert"] = acc_pert
         values[f"{label}/AS"] = clean_acc - acc_pert
         values[f"{label}/LPR"] = 100.0 * np.asarray(pert["preserved"], dtype=np.float64) / total
+        if "divergence" in pert:
+            values[f"{label}/JSD"] = np.asarray(pert["divergence"], dtype=np.float64)
     return np.asarray(counts["labels"]), values
 
 
@@ -169,7 +174,7 @@ def summarise(group: Group, n_resamples: int = 1000, seed: int = 0) -> GroupSumm
             perturbations[subset][label] = {
                 m: _cell([p["metrics"][m]["value"] for p in same], images.get(f"{label}/{m}"),
                          pert["metrics"][m].get("ci"), n_resamples, seed)
-                for m in PERTURBATION_METRICS}
+                for m in PERTURBATION_METRICS if all(m in p["metrics"] for p in same)}
         per_template[subset] = np.mean([b["per_template_acc"] for b in bodies], axis=0)
     base_new = _base_new_cells([d.get("base_new") for d in docs], clean, "")
     pools = [p for p in POOLS if all(p in d.get("base_new_by_wording", {}) for d in docs)]

@@ -15,8 +15,8 @@ from .grid import RunRecord
 from .sweep import Sweep
 from .stats import CLEAN_METRICS, PERTURBATION_METRICS, Cell, Comparison, GroupSummary
 
-DIGITS = {"acc_mean": 2, "sensitivity": 4, "AS": 2, "LPR": 2, "TS": 4, "base": 2, "new": 2, "H": 2}
-NAMES = {"acc_mean": "acc", "sensitivity": "S(θ)", "AS": "AS", "LPR": "LPR", "TS": "TS"}
+DIGITS = {"acc_mean": 2, "sensitivity": 4, "AS": 2, "LPR": 2, "JSD": 4, "TS": 4, "base": 2, "new": 2, "H": 2}
+NAMES = {"acc_mean": "acc", "sensitivity": "S(θ)", "AS": "AS", "LPR": "LPR", "JSD": "JSD", "TS": "TS"}
 
 
 @dataclass
@@ -99,13 +99,16 @@ def headline_table(summaries: list[GroupSummary]) -> TextTable:
 
 
 def perturbation_tables(summaries: list[GroupSummary]) -> list[TextTable]:
-    """Per subset and metric (AS, LPR, TS): a row per group, a column per perturbation op:level."""
+    """Per subset and metric (AS, LPR, JSD, TS): a row per group, a column per perturbation op:level;
+    a metric no result file holds (JSD in files written before it existed) gets no table."""
     tables = []
     for subset in _all_subsets(summaries):
         labels = list(dict.fromkeys(lbl for s in summaries for lbl in s.perturbations.get(subset, {})))
         if not labels:
             continue
         for metric in PERTURBATION_METRICS:
+            if not any(metric in cells for s in summaries for cells in s.perturbations.get(subset, {}).values()):
+                continue
             rows = [[s.group.label, s.group.dataset]
                     + [fmt_cell(s.perturbations.get(subset, {}).get(lbl, {}).get(metric), DIGITS[metric])
                        for lbl in labels]
