@@ -90,7 +90,7 @@ def evaluate(
     held_out: Annotated[float, typer.Option(help="--wordings split without a recorded split: share of the pool held out.")] = 1 / 3,
     wording_seed: Annotated[int, typer.Option(help="--wordings split without a recorded split: seed of the split.")] = 0,
     out_of_family: Annotated[str, typer.Option(help="--wordings split without a recorded split: the out-of-family set.")] = "out_of_family",
-    perturb: Annotated[str, typer.Option(help="'default' (4 ops x weak/strong), 'none', or e.g. 'synonym:0.3,drop:weak'.")] = "default",
+    perturb: Annotated[str, typer.Option(help="'default' (5 ops x weak/strong), 'none', or e.g. 'synonym:0.3,drop:weak'.")] = "default",
     draws: Annotated[int, typer.Option(min=1, help="Independent draws per perturbation.")] = 1,
     lexicon: Annotated[Optional[Path], typer.Option(help="Your own synonym lexicon (JSON).")] = None,
     mask_token: Annotated[str, typer.Option(help="Replacement string of the mask op.")] = "[MASK]",
@@ -380,7 +380,7 @@ def list_(
 
         for op in OPS:
             out.print(f"{op:<10} {'(default)' if op in DEFAULT_OPS else ''}")
-        out.print("levels: " + ", ".join(f"{k}={v}" for k, v in LEVELS.items()) + "; or any rate in [0, 1], e.g. drop:0.3")
+        out.print("levels: " + ", ".join(f"{k}={v}" for k, v in LEVELS.items()) + " (strong: at least one edit more than weak); or any rate in [0, 1], e.g. drop:0.3 (0 = unchanged)")
     elif what is Listable.presets:
         import json
 
