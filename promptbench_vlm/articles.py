@@ -41,7 +41,7 @@ def wants_an(word: str) -> bool | None:
     if not ("a" <= head.lower() <= "z"):
         return None
     letters = re.match(r"[^\W\d_]+", core).group(0)
-    if 2 <= len(letters) <= 4 and letters.isupper():
+    if len(letters) <= 4 and letters.isupper():  # an initialism or a letter: "an MRI", "an X-ray"
         return head in _VOWEL_NAMED_LETTERS
     lower = (head + core[1:]).lower()
     if _VOWEL_SOUND.match(lower):

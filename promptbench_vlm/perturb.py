@@ -17,7 +17,7 @@ import json
 import random
 import re
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
@@ -391,17 +391,19 @@ def _op_drop(p: PromptUnits, amount: Amount, rng: random.Random, lexicon: Lexico
     return Edited([u for i, u in enumerate(p.units) if i not in chosen], cls, len(chosen))
 
 
+def _can_move(counts: Collection[int], m: int) -> bool:
+    """Whether m units can all change place, given how often each unit text occurs: exactly when
+    m positions can be picked with no text on more than half of them."""
+    return sum(min(c, m // 2) for c in counts) >= m
+
+
 def most_movable(units: Sequence[str]) -> int:
     """The most units one rearrangement can move at once (0 when fewer than two differ).
 
-    m units can all change place exactly when no unit text fills more than half of them, so
-    repeated words ("a ... a") limit the count.
+    Repeated words ("a ... a") limit the count: no text may fill more than half the moved places.
     """
     counts = Counter(units).values()
-    for m in range(len(units), 1, -1):
-        if sum(min(c, m // 2) for c in counts) >= m:
-            return m
-    return 0
+    return next((m for m in range(len(units), 1, -1) if _can_move(counts, m)), 0)
 
 
 def _rearrangement(units: Sequence[str], k: int, rng: random.Random) -> list[int]:
@@ -441,15 +443,27 @@ _SHUFFLE_DRAWS = 5
 def _op_shuffle(p: PromptUnits, amount: Amount, rng: random.Random, lexicon: Lexicon) -> Edited:
     """Move k units (the class unit included, as one block) so that each lands where another
     text stood: moves never cancel, so the prompt always changes when two units can move."""
-    k = edit_count("shuffle", amount, most_movable(p.units))
+    room = most_movable(p.units)
+    k = edit_count("shuffle", amount, room)
     if k == 0:
         return Edited(list(p.units), p.cls, 0)
+    counts = Counter(p.units).values()
+    while not _can_move(counts, k):  # two texts only ("a b a b"): an odd count cannot all move
+        k += 1  # `room` itself can, so this stops there at the latest
     original = " ".join(p.units)
-    for _ in range(_SHUFFLE_DRAWS):  # a class of repeated words ("a a") can make a move invisible
+    for _ in range(_SHUFFLE_DRAWS):
         order = _rearrangement(p.units, k, rng)
         if " ".join(p.units[j] for j in order) != original:
-            break
-    return Edited([p.units[j] for j in order], order.index(p.cls), k)
+            return Edited([p.units[j] for j in order], order.index(p.cls), k)
+    # A class name made of its neighbours' words ("a" next to "a a") can hide a move: swap the
+    # first two units whose exchange shows, if any.
+    n = len(p.units)
+    for i, j in ((i, j) for i in range(n) for j in range(i + 1, n)):
+        order = list(range(n))
+        order[i], order[j] = j, i
+        if " ".join(p.units[x] for x in order) != original:
+            return Edited([p.units[x] for x in order], order.index(p.cls), 2)
+    return Edited(list(p.units), p.cls, 0)
 
 
 def _op_context(p: PromptUnits, amount: Amount, rng: random.Random, lexicon: Lexicon) -> Edited:

@@ -272,6 +272,32 @@ def test_shipped_lexicon_entries_have_two_synonyms(lexicon):
     assert not set(lexicon.synonyms) & lexicon.stopwords
 
 
+def test_shipped_lexicon_has_no_loose_synonyms(lexicon):
+    loose = {"good": "decent", "cool": "great", "jpeg": "compressed", "tattoo": "body art", "cartoon": "animated",
+             "graffiti": "street art", "bad": "terrible", "large": "huge", "small": "tiny", "toy": "plaything"}
+    assert not {key for key, word in loose.items() if word in lexicon.synonyms[key]}
+
+
+def test_article_agreement_after_edits():
+    text, span = fill_template("an image of a {}.", "dog")
+    replaced = {perturb(text, span, "synonym", "weak", seed).text for seed in range(10)}
+    assert replaced == {"a picture of a dog.", "a photo of a dog.", "a photograph of a dog."}
+    text, span = fill_template("a origami {}.", "owl")
+    assert perturb(text, span, "drop", 1 / 3, 2).text in ("an owl.", "origami owl.")
+    assert {perturb(text, span, "drop", 1 / 3, s).text for s in range(10)} == {"an owl.", "origami owl."}
+    assert perturb(text, span, "mask", 1 / 3, 0).text in ("[MASK] origami owl.", "a [MASK] owl.")  # no "an [MASK]"
+
+
+def test_wants_an_follows_the_sound():
+    from promptbench_vlm.articles import agree, wants_an
+
+    an = ["apple", "hour", "honest", "MRI", "8-bit", "18th", "élan", '"old"', "X-ray", "unimportant", "onion"]
+    a = ["unicorn", "university", "European", "one", "one-off", "UFO", "USB", "user", "yellow", "3D", "hotel"]
+    assert [w for w in an if wants_an(w) is not True] == [] and [w for w in a if wants_an(w) is not False] == []
+    assert wants_an("[MASK]") is None and wants_an("<unk>") is None and wants_an("北京") is None
+    assert (agree("A", "image"), agree("An", "photo"), agree("AN", "photo"), agree("a", "[MASK]")) == ("An", "A", "A", "a")
+
+
 def test_multi_word_entries_match_as_one_candidate(lexicon):
     text, span = fill_template("a low resolution photo of the hard to see {}.", "dog")
     parts = split_prompt(text, span)
