@@ -144,7 +144,7 @@ def _share_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     clean = TemplateScores(rng.integers(0, 3, (2, 40)), rng.random((2, 40), dtype=np.float32),
                            rng.random((2, 40), dtype=np.float32))
     scores = Scores(clean, rng.integers(0, 3, 40), [rng.integers(0, 3, (2, 2, 40)) for _ in specs],
-                    [rng.random((2, 2, 3)) for _ in specs], 0)
+                    [rng.random((2, 2, 40)) for _ in specs], [rng.random((2, 2, 3)) for _ in specs], 0)
     clean_m, _, _ = evaluate.distributed.main_only(lambda: evaluate.run_metrics(scores, labels, table, settings))
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"calls": calls, "texts": table.texts, "acc_ci": clean_m["acc_mean"].ci}, f)
