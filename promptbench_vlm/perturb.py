@@ -498,6 +498,9 @@ def _words(units: Sequence[str], cls: int) -> list[str]:
     return [w for i, unit in enumerate(units) for w in ([unit] if i == cls else unit.split())]
 
 
+_ARTICLE_FORMS = frozenset(form for a in ARTICLES for form in (a, a.capitalize(), a.upper()))
+
+
 def _agreeing_words(before: PromptUnits, after: Edited) -> tuple[list[str], int]:
     """The edited prompt's words with every "a"/"an" that now precedes a word it did not precede
     before made to agree with it; also the index of the class unit among the words.
@@ -505,13 +508,16 @@ def _agreeing_words(before: PromptUnits, after: Edited) -> tuple[list[str], int]
     Pairs the template already had ("a origami {}") are left as they are: they are the
     template's wording, not the op's.
     """
-    old = _words(before.units, before.cls)
-    old_pairs = {(a.lower(), b) for a, b in zip(old, old[1:])}
     words = _words(after.units, after.cls)
     cls = sum(len(u.split()) for u in after.units[: after.cls])
+    old_pairs: set[tuple[str, str]] | None = None  # built only for a prompt that has an article
     for j in range(len(words) - 1):
-        if j != cls and words[j].lower() in ARTICLES and (words[j].lower(), words[j + 1]) not in old_pairs:
-            words[j] = agree(words[j], words[j + 1])
+        if j != cls and words[j] in _ARTICLE_FORMS:
+            if old_pairs is None:
+                old = _words(before.units, before.cls)
+                old_pairs = {(a.lower(), b) for a, b in zip(old, old[1:]) if a in _ARTICLE_FORMS}
+            if (words[j].lower(), words[j + 1]) not in old_pairs:
+                words[j] = agree(words[j], words[j + 1])
     return words, cls
 
 
