@@ -109,10 +109,37 @@ def test_two_gloo_processes_train_like_one(monkeypatch, capsys, tmp_path):
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
 
 
-def test_own_loop_methods_under_torchrun_are_refused_in_one_line(monkeypatch, capsys):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    code, _, err = run_cli(monkeypatch, capsys, "train", "--method", "maml-clip", "--epochs", "1")
-    assert code == 2 and "runs its own training loop, which is not data-parallel" in err and "Traceback" not in err
+def test_maml_under_two_gloo_processes_matches_one(monkeypatch, capsys, tmp_path):
+    """maml-clip on the shared loop: each rank takes its share of a meta-step's tasks (2 tasks of
+    2 classes, one per rank), the meta-gradients are summed over ranks, and the run is the
+    single-process run: same steps, same clipping, same checkpoint up to float rounding."""
+    root = tmp_path / "colours"
+    write_train_test_folders(root, train=5, test=1)
+    args = ["train", "--method", "maml-clip", "--model", str(TINY_CONFIG), "--dataset", f"folder:{root}",
+            "--subset", "all", "--shots", "5", "--epochs", "2", "--seed", "3", "--eval-templates", "single",
+            "--eval-perturb", "none", "--bootstrap", "0", "--device", "cpu", "--method-opt", "support_shots=2",
+            "--method-opt", "task_classes=2", "--method-opt", "meta_batch=2", "--method-opt", "inner_batch=3",
+            "--method-opt", "inner_steps=2"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+         "promptbench_vlm", *args, "--output", str(tmp_path / "two")],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    monkeypatch.setattr(train_run, "TrainRequest", functools.partial(train_run.TrainRequest, fewshot_cache=None))
+    code, _, err = run_cli(monkeypatch, capsys, *args, "--output", str(tmp_path / "one"))
+    assert code == 0, err
+    two, _ = read_checkpoint(tmp_path / "two" / "learner.safetensors")
+    one, _ = read_checkpoint(tmp_path / "one" / "learner.safetensors")
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=0)
+    logs = [[json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+            for run in ("two", "one")]
+    assert [r["tasks"] for r in logs[0]] == [r["tasks"] for r in logs[1]] == [2, 2]
+    np.testing.assert_allclose([r["loss"] for r in logs[0]], [r["loss"] for r in logs[1]], rtol=1e-5)
+    np.testing.assert_allclose([r["grad_norm"] for r in logs[0]], [r["grad_norm"] for r in logs[1]], rtol=1e-4)
+    assert [r["clipped"] for r in logs[0]] == [r["clipped"] for r in logs[1]]
+    assert read_result(tmp_path / "two" / "result.json")["run"]["training"]["ranks"] == 2
 
 
 def _share_worker(rank: int, world: int, port: int, out_dir: str) -> None:

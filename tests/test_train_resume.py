@@ -16,6 +16,7 @@ from promptbench_vlm.errors import UserError
 from promptbench_vlm.train import run as train_run
 from promptbench_vlm.train.erm import ERM
 from promptbench_vlm.train.loop import TrainConfig
+from promptbench_vlm.train.maml_clip import MAMLClip
 from promptbench_vlm.train.method import METHODS
 from promptbench_vlm.train.promise import Promise
 from promptbench_vlm.train.run import TrainRequest, run_training
@@ -101,7 +102,7 @@ def test_erm_interrupted_mid_epoch_resumes_to_the_same_checkpoint(monkeypatch, c
     assert again == json.loads(before) and (tmp_path / "cut" / "result.json").read_bytes() == before
 
 
-def test_resume_refuses_another_request_a_damaged_state_and_maml(colours, tmp_path):
+def test_resume_refuses_another_request_and_a_damaged_state(colours, tmp_path):
     with pytest.raises(UserError, match="pass one of them"):
         run_training(erm_request(colours, tmp_path / "r", resume=True, overwrite=True), {})
     notes = []
@@ -115,8 +116,6 @@ def test_resume_refuses_another_request_a_damaged_state_and_maml(colours, tmp_pa
     (tmp_path / "r" / STATE).write_bytes(b"not a state")
     with pytest.raises(UserError, match="cannot read training state .*: damaged"):
         run_training(erm_request(colours, tmp_path / "r", resume=True), {})
-    with pytest.raises(UserError, match="'maml-clip' runs its own training loop, which cannot --resume"):
-        run_training(erm_request(colours, tmp_path / "m", method="maml-clip", resume=True), {})
 
 
 def test_promise_sigterm_then_resume_matches_an_uninterrupted_run(monkeypatch, capsys, colours, tmp_path):
@@ -170,3 +169,34 @@ def test_method_python_state_survives_resume(monkeypatch, colours, tmp_path, met
     run_training(request(tmp_path / "cut", resume=True), {})
     assert (tmp_path / "cut" / "learner.safetensors").read_bytes() == \
         (tmp_path / "straight" / "learner.safetensors").read_bytes()
+
+
+def test_maml_interrupted_mid_epoch_resumes_to_the_same_checkpoint(monkeypatch, colours, tmp_path):
+    """MAML-clip's episodic steps run on the shared loop: its task generator, clipping count and
+    Adam state travel in the training state, so a resumed meta-training ends where one run ends."""
+    config = TrainConfig(epochs=3, seed=3)
+    request = functools.partial(erm_request, colours, method="maml-clip", subset="all", config=config,
+                                method_options={"support_shots": 2, "task_classes": 2, "inner_batch": 3,
+                                                "inner_steps": 2})
+    run_training(request(tmp_path / "straight"), {})
+
+    def power_cut():
+        raise KeyboardInterrupt
+
+    real, calls = MAMLClip.meta_gradient, []
+
+    def meta_gradient(self, episodes):
+        calls.append(1)
+        if len(calls) == 4:  # 2 tasks of 2 classes a meta-step each: epoch 2, second meta-step
+            power_cut()
+        return real(self, episodes)
+
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(MAMLClip, "meta_gradient", meta_gradient)
+        run_training(request(tmp_path / "cut"), {})
+    assert load_state(tmp_path / "cut" / STATE).epoch == 1
+    run_training(request(tmp_path / "cut", resume=True), {})
+    assert (tmp_path / "cut" / "learner.safetensors").read_bytes() == \
+        (tmp_path / "straight" / "learner.safetensors").read_bytes()
+    assert steps(tmp_path / "cut") == steps(tmp_path / "straight")
+    assert [s["step"] for s in steps(tmp_path / "cut")] == list(range(1, 7))

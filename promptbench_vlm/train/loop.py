@@ -204,6 +204,8 @@ def train(
     Raises:
         TrainingDiverged: on a NaN or infinite loss, naming the step.
     """
+    if method.episodic:
+        return train_episodes(method, dataset, config, lr, log_path, on_epoch_end, progress, state_path, start)
     learner = method.learner
     device = learner.device
     torch.manual_seed(config.seed)
@@ -232,7 +234,7 @@ def train(
     if start is not None:
         outcome, window = restore(start, method, optimizer, scaler, generator, params, str(state_path))
     earlier_s, step = outcome.wall_time_s, len(outcome.losses)
-    log = log_path.open("a", encoding="utf-8") if log_path and distributed.is_main() else None
+    log = StepLog(log_path)
     began = time.perf_counter()
     method.train()
     try:
@@ -266,27 +268,101 @@ def train(
                 step += 1
                 mean_loss = window.loss / window.batches
                 outcome.losses.append(mean_loss)
-                if log:
-                    elapsed = time.perf_counter() - window.started
-                    record = {"step": step, "epoch": epoch, "loss": mean_loss, "lr": rate,
-                              "images_per_s": window.images / max(elapsed, 1e-9), **batch.diagnostics}
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()  # a running job can be followed with tail -f
+                elapsed = time.perf_counter() - window.started
+                log.write({"step": step, "epoch": epoch, "loss": mean_loss, "lr": rate,
+                           "images_per_s": window.images / max(elapsed, 1e-9), **batch.diagnostics})
                 window = Window()
                 if progress:
                     progress("train", step, total_steps)
-            method.on_epoch_end(epoch, config.epochs)
-            if on_epoch_end:
-                on_epoch_end(epoch)
-            if state_path:
-                outcome.wall_time_s = earlier_s + time.perf_counter() - began
-                state = capture(epoch, outcome, method, optimizer, scaler, generator, window, params)
-                if distributed.is_main():
-                    save_state(state_path, state)
+            outcome.wall_time_s = earlier_s + time.perf_counter() - began
+            end_epoch(epoch, config, outcome, method, optimizer, scaler, generator, window, params, on_epoch_end,
+                      state_path)
         method.finish()
     finally:
-        if log:
-            log.close()
+        log.close()
+        method.eval()
+    outcome.steps = len(outcome.losses)
+    outcome.wall_time_s = earlier_s + time.perf_counter() - began
+    return outcome
+
+
+class StepLog:
+    """The JSONL step log, appended to on rank 0 (a no-op elsewhere or without a path)."""
+
+    def __init__(self, path: Path | None):
+        self.file = path.open("a", encoding="utf-8") if path and distributed.is_main() else None
+
+    def write(self, record: dict) -> None:
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()  # a running job can be followed with tail -f
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+
+
+def end_epoch(epoch: int, config: TrainConfig, outcome: TrainOutcome, method: TrainingMethod,
+              optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, generator: torch.Generator,
+              window: Window, params: list[torch.Tensor], on_epoch_end: Callable[[int], None] | None,
+              state_path: Path | None) -> None:
+    """The method's epoch hook, the caller's (the checkpoint), then the training state."""
+    method.on_epoch_end(epoch, config.epochs)
+    if on_epoch_end:
+        on_epoch_end(epoch)
+    if state_path:
+        state = capture(epoch, outcome, method, optimizer, scaler, generator, window, params)
+        if distributed.is_main():
+            save_state(state_path, state)
+
+
+def train_episodes(method: TrainingMethod, dataset: ImageDataset, config: TrainConfig, lr: float,
+                   log_path: Path | None = None, on_epoch_end: Callable[[int], None] | None = None,
+                   progress: ProgressFn | None = None, state_path: Path | None = None,
+                   start: TrainState | None = None) -> TrainOutcome:
+    """`train` for an episodic method (``method.episodic``, MAML-clip): the method draws each
+    epoch's meta-steps and computes one meta-step's gradient; the loop drives them with the
+    method's optimiser at the constant rate `lr` (no schedule: the meta-update's own), and owns
+    the step log, the epoch hooks, the training state for ``--resume`` and the ranks.
+
+    The method's protocol: ``start_episodes(dataset, config) -> (steps_per_epoch, skipped_images)``
+    before the first epoch; ``epoch_steps(epoch)`` yields each meta-step's tasks (drawn from the
+    method's own generator, saved through ``get_extra_state``); ``episodic_step(tasks, optimizer)
+    -> record`` takes the meta-step on every rank (each computes its share of the tasks, the
+    gradient is summed over ranks) and returns the log record, with ``loss``; it raises
+    `TrainingDiverged` before stepping on a non-finite value.
+    """
+    torch.manual_seed(config.seed)
+    per_epoch, skipped = method.start_episodes(dataset, config)
+    optimizer = method.make_optimizer(lr)
+    params = method.trainable_parameters()
+    scaler, generator = torch.amp.GradScaler("cuda", enabled=False), torch.Generator().manual_seed(config.seed)
+    outcome = TrainOutcome(skipped_images=skipped)
+    if start is not None:
+        outcome, _ = restore(start, method, optimizer, scaler, generator, params, str(state_path))
+    earlier_s = outcome.wall_time_s
+    log = StepLog(log_path)
+    began = time.perf_counter()
+    method.train()
+    try:
+        for epoch in range(1 + (start.epoch if start else 0), config.epochs + 1):
+            for tasks in method.epoch_steps(epoch):
+                step = len(outcome.losses) + 1
+                try:
+                    record = method.episodic_step(tasks, optimizer)
+                except TrainingDiverged as err:
+                    raise TrainingDiverged(f"{method.name} diverged at meta-step {step} (epoch {epoch}): {err}; the "
+                                           f"last good checkpoint (end of epoch {epoch - 1}) is kept") from None
+                outcome.losses.append(record["loss"])
+                log.write({"step": step, "epoch": epoch, "lr": lr, **record})
+                if progress:
+                    progress("train", step, per_epoch * config.epochs)
+            outcome.wall_time_s = earlier_s + time.perf_counter() - began
+            end_epoch(epoch, config, outcome, method, optimizer, scaler, generator, Window(), params, on_epoch_end,
+                      state_path)
+        method.finish()
+    finally:
+        log.close()
         method.eval()
     outcome.steps = len(outcome.losses)
     outcome.wall_time_s = earlier_s + time.perf_counter() - began

@@ -12,13 +12,10 @@ checkpoint: the meta-prompt, used zero-shot as is or as ``--init`` of any other 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import random
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -26,13 +23,14 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .. import distributed
 from ..data.base import CorruptImageError, ImageDataset
 from ..errors import UserError
 from ..evaluate import ImageItems, encode_images
 from ..learners.base import PromptLearner
 from ..options import option
 from ..perturb import fill_template
-from .loop import ProgressFn, TrainConfig, TrainingDiverged, TrainOutcome
+from .loop import TrainConfig, TrainingDiverged
 from .maml_tasks import draw_batches, images_by_class, partition_classes, split_task
 from .method import TrainingMethod
 from .promptsrc import frozen_text_target, self_regulated_loss
@@ -75,6 +73,16 @@ class Episode:
     texts: list[str]
     support: list[Batch]
     query: Batch
+
+
+@dataclass
+class EpisodeDraw:
+    """One task's draw at one meta-step, before its inputs are fetched: the classes, one
+    ``(indices, labels)`` batch per inner step and the query batch."""
+
+    classes: list[int]
+    support: list[tuple[list[int], list[int]]]
+    query: tuple[list[int], list[int]]
 
 
 def default_inner_lr(learner: PromptLearner) -> float:
@@ -148,6 +156,7 @@ class MAMLClip(TrainingMethod):
     name = "maml-clip"
     Options = MAMLClipOptions
     lr = 0.001
+    episodic = True
     template_options = ("frozen_templates",)
 
     def __init__(self, learner: PromptLearner, classnames: list[str], **options: Any):
@@ -227,9 +236,17 @@ class MAMLClip(TrainingMethod):
                 support_losses.append(support_loss)
         return total, query_losses, support_losses
 
-    def meta_step(self, episodes: list[Episode], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """One outer update: the meta-gradient, clipped, handed to the optimiser; its diagnostics."""
+    def meta_step(self, episodes: list[Episode], optimizer: torch.optim.Optimizer,
+                  combine: Callable[[Params, list[float], list[float]], tuple[Params, list[float], list[float]]]
+                  | None = None) -> dict[str, Any]:
+        """One outer update: the meta-gradient, clipped, handed to the optimiser; its diagnostics.
+
+        `combine` joins the meta-gradient and task losses of this rank's episodes with the other
+        ranks' (`episodic_step`) before the clipping; None: this process's are the whole.
+        """
         grads, query_losses, support_losses = self.meta_gradient(episodes)
+        if combine is not None:
+            grads, query_losses, support_losses = combine(grads, query_losses, support_losses)
         clipped, norm = clip_gradient(grads, self.clip_norm)
         if not all(map(math.isfinite, [norm, *query_losses])):  # before the step: the prompt stays good
             raise TrainingDiverged(f"query losses {query_losses}, meta-gradient norm {norm}")
@@ -238,81 +255,100 @@ class MAMLClip(TrainingMethod):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return {"loss": sum(query_losses) / len(query_losses), "support_loss": sum(support_losses) / len(support_losses),
-                "grad_norm": norm, "clipped": norm > self.clip_norm, "tasks": len(episodes)}
+                "grad_norm": norm, "clipped": norm > self.clip_norm, "tasks": len(query_losses)}
 
     def make_optimizer(self, lr: float) -> torch.optim.Optimizer:
         """Adam with rate β (the paper), or plain SGD (the update is then exactly β times the clipped G)."""
         params = list(self.learned().values())
         return torch.optim.Adam(params, lr=lr) if self.options["optimizer"] == "adam" else torch.optim.SGD(params, lr=lr)
 
-    # --- episodic training -------------------------------------------------------------------
+    # --- episodes ----------------------------------------------------------------------------
     def episode(self, inputs: TaskInputs, classes: list[int], by_class: dict[int, list[int]], rng: random.Random
                 ) -> Episode:
         """Draw a task's support/query split and its batches, and fetch their inputs."""
+        return self.fetch(inputs, self.draw(classes, by_class, rng))
+
+    def draw(self, classes: list[int], by_class: dict[int, list[int]], rng: random.Random) -> EpisodeDraw:
+        """A task's support/query split and its batches, as dataset indices and task labels."""
         split = split_task(classes, by_class, self.options["support_shots"], rng)
         support = draw_batches(split.support, split.support_labels, self.options["inner_batch"], self.inner_steps, rng)
-        ((query, query_labels),) = draw_batches(split.query, split.query_labels, self.options["query_batch"], 1, rng)
+        (query,) = draw_batches(split.query, split.query_labels, self.options["query_batch"], 1, rng)
+        return EpisodeDraw(list(classes), support, query)
+
+    def fetch(self, inputs: TaskInputs, draw: EpisodeDraw) -> Episode:
+        """The episode of `draw`: its class prompts and the model inputs of its batches."""
         device = self.learner.device
 
         def batch(indices: list[int], labels: list[int]) -> Batch:
             return inputs(indices), torch.as_tensor(labels, device=device)
 
-        texts = [fill_template(self.template, self.classnames[c])[0] for c in classes]
-        return Episode(texts, [batch(i, y) for i, y in support], batch(query, query_labels))
+        texts = [fill_template(self.template, self.classnames[c])[0] for c in draw.classes]
+        return Episode(texts, [batch(i, y) for i, y in draw.support], batch(*draw.query))
 
-    def fit(self, dataset: ImageDataset, config: TrainConfig, lr: float, log_path: Path | None = None,
-            on_epoch_end: Callable[[int], None] | None = None, progress: ProgressFn | None = None) -> TrainOutcome:
-        """Episodic meta-training; each epoch partitions the training classes into tasks once
-        (every class in one task), `meta_batch` tasks per meta-step; one JSONL line per meta-step.
+    # --- episodic training, driven by the shared loop (`loop.train_episodes`) ---------------
+    def start_episodes(self, dataset: ImageDataset, config: TrainConfig) -> tuple[int, int]:
+        """Ready the task inputs and the task generator; return meta-steps per epoch and the
+        unreadable images left out of every task."""
+        self.inputs = TaskInputs(self.learner, dataset, config.num_workers)
+        self.by_class = images_by_class(dataset.labels, self.inputs.readable)
+        self.sources = list(getattr(dataset, "class_sources", [0] * len(dataset.classnames)))
+        task_classes = self.options["task_classes"]
+        self.task_classes = (5 if len(set(self.sources)) == 1 else 0) if task_classes is None else task_classes
+        self.rng = random.Random(config.seed)
+        self.clipped = self.meta_steps = 0
+        tasks = len(partition_classes(self.sources, self.task_classes, random.Random(0)))
+        return math.ceil(tasks / self.options["meta_batch"]), len(dataset) - len(self.inputs.readable)
+
+    def epoch_steps(self, epoch: int) -> Iterator[list[list[int]]]:
+        """Each epoch partitions the training classes into tasks once (every class in one task);
+        `meta_batch` tasks per meta-step."""
+        tasks = partition_classes(self.sources, self.task_classes, self.rng)
+        meta_batch = self.options["meta_batch"]
+        for first in range(0, len(tasks), meta_batch):
+            yield tasks[first:first + meta_batch]
+
+    def episodic_step(self, tasks: list[list[int]], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """One meta-step over `tasks`: every rank draws every task's episode (so the generators
+        stay equal), computes the meta-gradient of its contiguous share, and the shares are
+        summed over ranks before clipping (the same G as one process, up to float rounding).
 
         Raises:
-            TrainingDiverged: on a NaN or infinite query loss or meta-gradient, naming the meta-step.
+            TrainingDiverged: on a NaN or infinite query loss or meta-gradient, before the step.
         """
-        torch.manual_seed(config.seed)
-        rng = random.Random(config.seed)
-        start = time.perf_counter()
-        inputs = TaskInputs(self.learner, dataset, config.num_workers)
-        by_class = images_by_class(dataset.labels, inputs.readable)
-        sources = list(getattr(dataset, "class_sources", [0] * len(dataset.classnames)))
-        task_classes = self.options["task_classes"]
-        task_classes = (5 if len(set(sources)) == 1 else 0) if task_classes is None else task_classes
-        meta_batch = self.options["meta_batch"]
-        optimizer = self.make_optimizer(lr)
-        per_epoch = math.ceil(len(partition_classes(sources, task_classes, random.Random(0))) / meta_batch)
-        outcome = TrainOutcome(skipped_images=len(dataset) - len(inputs.readable))
-        clipped = 0
-        log = log_path.open("a", encoding="utf-8") if log_path else None
-        self.train()
-        try:
-            for epoch in range(1, config.epochs + 1):
-                tasks = partition_classes(sources, task_classes, rng)
-                for first in range(0, len(tasks), meta_batch):
-                    episodes = [self.episode(inputs, t, by_class, rng) for t in tasks[first:first + meta_batch]]
-                    step = len(outcome.losses) + 1
-                    try:
-                        record = self.meta_step(episodes, optimizer)
-                    except TrainingDiverged as err:
-                        raise TrainingDiverged(f"maml-clip diverged at meta-step {step} (epoch {epoch}): {err}; the "
-                                               f"last good checkpoint (end of epoch {epoch - 1}) is kept") from None
-                    outcome.losses.append(record["loss"])
-                    clipped += record["clipped"]
-                    if log:
-                        log.write(json.dumps({"step": step, "epoch": epoch, "lr": lr, **record,
-                                              "clip_rate": clipped / step}) + "\n")
-                        log.flush()  # followable with tail -f, like the shared loop's log
-                    if progress:
-                        progress("train", step, per_epoch * config.epochs)
-                self.on_epoch_end(epoch, config.epochs)
-                if on_epoch_end:
-                    on_epoch_end(epoch)
-            self.finish()
-        finally:
-            if log:
-                log.close()
-            self.eval()
-        outcome.steps = len(outcome.losses)
-        outcome.wall_time_s = time.perf_counter() - start
-        return outcome
+        draws = [self.draw(t, self.by_class, self.rng) for t in tasks]
+        share = distributed.shard_range(len(draws))
+        episodes = [self.fetch(self.inputs, d) for d in draws[share.start:share.stop]]
+        record = self.meta_step(episodes, optimizer, combine=self._over_ranks)
+        self.meta_steps += 1
+        self.clipped += record["clipped"]
+        return {**record, "clip_rate": self.clipped / self.meta_steps}
+
+    def _over_ranks(self, grads: Params, query: list[float], support: list[float]
+                    ) -> tuple[Params, list[float], list[float]]:
+        """The meta-gradient summed over ranks and every rank's task losses, in task order."""
+        if distributed.world_size() == 1:
+            return grads, query, support
+        params = self.learned()
+        for n, p in params.items():
+            p.grad = grads[n]
+        summed = distributed.mean_gradients(list(params.values()))
+        parts = distributed.gather((query, support))
+        world = distributed.world_size()
+        return ({n: g * world for n, g in zip(params, summed)}, [q for part in parts for q in part[0]],
+                [s for part in parts for s in part[1]])
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """The task generator and the clipping count, for a resumed run (`train_state`)."""
+        rng = getattr(self, "rng", None)
+        return {"rng": rng.getstate() if rng else None, "clipped": getattr(self, "clipped", 0),
+                "meta_steps": getattr(self, "meta_steps", 0)}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        if state["rng"] is not None:
+            version, internal, gauss = state["rng"]
+            self.rng = random.Random()
+            self.rng.setstate((version, tuple(internal), gauss))
+        self.clipped, self.meta_steps = state["clipped"], state["meta_steps"]
 
 
 def _check_options(inner_lr: float, inner_steps: int, inner_batch: int, query_batch: int, support_shots: int,

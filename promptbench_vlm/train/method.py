@@ -102,10 +102,11 @@ class TrainingMethod(nn.Module):
         """The learner's image features, from the precomputed cache when the image side is frozen."""
         return image_features if image_features is not None else self.learner.encode_images(images)
 
-    fit = None
-    """Optional replacement of the shared loop: a method that is not "one loss per batch" (MAML's
-    episodes) defines ``fit(dataset, config, lr, log_path, on_epoch_end, progress) -> TrainOutcome``
-    with the meaning of `train.loop.train`'s arguments, and `run_training` calls it instead."""
+    episodic: ClassVar[bool] = False
+    """True for a method whose step is a meta-step over tasks, not one loss per batch (MAML's
+    episodes): the shared loop then drives its episodic step protocol (`loop.train_episodes`:
+    ``start_episodes``, ``epoch_steps``, ``episodic_step``, ``make_optimizer``), with the same
+    step log, hooks, ``--resume`` state and torchrun ranks as every other method."""
 
     def on_epoch_end(self, epoch: int, epochs: int) -> None:
         """Hook after each epoch (PromptSRC's prompt aggregation uses it)."""

@@ -81,13 +81,6 @@ def check_request(request: TrainRequest) -> None:
         request.learner_options = check_learner_options(request.learner, request.learner_options)
     if request.resume and request.overwrite:
         raise UserError("--resume continues the run in the output folder and --overwrite replaces it: pass one of them")
-    if METHODS.get(request.method).fit is not None:  # its own loop (maml-clip): no state, no sharding
-        if request.resume:
-            raise UserError(f"method '{request.method}' runs its own training loop, which cannot --resume; "
-                            "run it again with --overwrite")
-        if distributed.launched():
-            raise UserError(f"method '{request.method}' runs its own training loop, which is not data-parallel; "
-                            "run it as a single process, not under torchrun")
 
 
 def prepare_output(folder: Path, request: TrainRequest) -> str:
@@ -203,7 +196,7 @@ def run_training(request: TrainRequest, extra_run: dict[str, Any] | None = None,
         method_options = seen_pool_options(METHODS.get(request.method), method_options, split, seen_file)
     method = build_method(request.method, learner, train_data.classnames, method_options)
     lr = config.lr if config.lr is not None else method.default_lr()
-    if main and method.fit is None and config.warmup_epochs >= config.epochs:
+    if main and not method.episodic and config.warmup_epochs >= config.epochs:
         message = (f"the warm-up ({config.warmup_epochs} epoch(s) at {config.warmup_lr}) covers the whole run of "
                    f"{config.epochs} epoch(s): every step uses the warm-up rate, never {lr}; pass --warmup-epochs 0 "
                    "or more --epochs")
@@ -219,15 +212,11 @@ def run_training(request: TrainRequest, extra_run: dict[str, Any] | None = None,
     checkpoint = folder / CHECKPOINT
     save = (lambda epoch: learner.save(checkpoint, {**extra, "epoch": epoch})) if main else None
     try:
-        if method.fit is not None:
-            outcome = method.fit(train_data, config, lr, log_path=folder / LOG, on_epoch_end=save, progress=progress)
-        else:
-            outcome = train(method, train_data, config, lr, log_path=folder / LOG, on_epoch_end=save,
-                            progress=progress, state_path=folder / STATE, start=start)
+        outcome = train(method, train_data, config, lr, log_path=folder / LOG, on_epoch_end=save, progress=progress,
+                        state_path=folder / STATE, start=start)
     except KeyboardInterrupt:
-        kept = ("checkpoint and training state of the last finished epoch; the same command with --resume "
-                "continues it") if method.fit is None else "checkpoint of the last finished epoch"
-        say(f"interrupted: {folder} keeps the {kept}")
+        say(f"interrupted: {folder} keeps the checkpoint and training state of the last finished epoch; the same "
+            "command with --resume continues it")
         raise
     if main:
         learner.save(checkpoint, {**extra, "epoch": config.epochs, "final": True})
