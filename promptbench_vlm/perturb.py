@@ -511,7 +511,7 @@ def _agreeing_words(before: PromptUnits, after: Edited) -> tuple[list[str], int]
     words = _words(after.units, after.cls)
     cls = sum(len(u.split()) for u in after.units[: after.cls])
     old_pairs: set[tuple[str, str]] | None = None  # built only for a prompt that has an article
-    for j in range(len(words) - 1):
+    for j in reversed(range(len(words) - 1)):  # right to left: a word is final before its article is chosen
         if j != cls and words[j] in _ARTICLE_FORMS:
             if old_pairs is None:
                 old = _words(before.units, before.cls)

@@ -70,6 +70,19 @@ def test_class_with_lexicon_words_is_protected():
     assert not out.text.startswith("a black and white ")
 
 
+def test_a_user_lexicon_keyed_by_the_class_names_never_replaces_them(tmp_path):
+    path = tmp_path / "wordnet_like.json"
+    path.write_text(json.dumps({"dog": ["hound", "puppy"], "retriever": ["gun dog"], "golden retriever": ["retriever"],
+                                "photo": ["picture"]}))
+    lex = load_lexicon(path)
+    for name in ("dog", "golden retriever"):
+        text, span = fill_template("a photo of a {}.", name)
+        for seed in range(6):
+            for level in ("weak", "strong"):
+                out = perturb(text, span, "synonym", level, seed, lex)
+                assert out[:2] == ("a picture of a " + name + ".", 1), (name, seed, out)
+
+
 def test_class_name_alone_with_lexicon_words_has_no_candidate():
     text, span = fill_template("{}.", "black and white photo")
     for op in ("synonym", "mask", "drop", "shuffle"):
