@@ -9,10 +9,10 @@
    own modules. Reported in-process (models loaded, both warmed up) and as whole commands
    (``promptbench evaluate`` against a process that imports, loads the model and runs the floor).
    Target: in-process evaluation / floor <= 1.15.
-2. Scale: the bootstrap stage at N = 50,000 images (random-feature learner, the default
-   perturbations: 26 per-image vectors, 1000 resamples; target < 1 s) and the prompt table at
-   C = 1,000 classes (60 templates x the 8 default specs: 540,000 strings), built and loaded
-   from the feature cache (target < 2 s).
+2. Scale: the bootstrap stage at N = 50,000 images (random scores in the default layout: 60
+   templates, the default perturbations, every per-image vector of the run, 1000 resamples;
+   target < 1 s) and the prompt table at C = 1,000 classes (60 templates x the default specs),
+   built and loaded from the feature cache (target < 2 s).
 3. Memory: C = 1000, N = 10,000, T = 60 (+ one perturbation): the evaluator's peak resident
    growth against one [T, N, C] float32 logits tensor (2.4 GB).
 
@@ -166,11 +166,12 @@ def bootstrap_at_scale(n_images: int = 50_000, n_classes: int = 10, repeats: int
                            rng.random((n_t, n_images), np.float32))
     scores = Scores(clean, rng.integers(0, n_classes, n_images),
                     [rng.integers(0, n_classes, (n_t, 1, n_images)) for _ in range(n_k)],
+                    [rng.random((n_t, 1, n_images)) for _ in range(n_k)],
                     [rng.random((n_t, 1, n_classes)) for _ in range(n_k)], 0)
-    table = SimpleNamespace(unchanged=[np.zeros((n_t, 1, n_classes), dtype=bool)] * n_k)
+    table = SimpleNamespace(edits=[rng.integers(0, 3, (n_t, 1, n_classes)) for _ in range(n_k)])
     groups = [metrics.clean_points(clean.pred, clean.p_true, clean.cos_true, labels, scores.pred_ens)]
-    groups += [metrics.perturbation_points(clean.pred, p, labels, c, u)
-               for p, c, u in zip(scores.pert_pred, scores.text_cos, table.unchanged)]
+    groups += [metrics.perturbation_points(clean.pred, p, labels, c, e == 0, divergence=d, edits=e)
+               for p, d, c, e in zip(scores.pert_pred, scores.pert_divergence, scores.text_cos, table.edits)]
     n_vectors = sum(len(v) for _, v in groups)
     boot = [measure(lambda: metrics.with_intervals(groups, n_resamples=s.bootstrap, seed=0)) for _ in range(repeats)]
     stage = [measure(lambda: run_metrics(scores, labels, table, s)) for _ in range(repeats)]
