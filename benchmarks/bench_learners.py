@@ -21,7 +21,8 @@ from functools import partial
 
 import torch
 
-from promptbench_vlm.backbone import TOY_CONFIG, Backbone, load_backbone
+from promptbench_vlm.backbone import Backbone, load_backbone
+from promptbench_vlm.toy.model import TOY_CONFIG
 from promptbench_vlm.learners import build_learner
 from promptbench_vlm.learners.base import PromptLearner
 from promptbench_vlm.templates import load_templates

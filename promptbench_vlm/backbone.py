@@ -1,7 +1,8 @@
 """Load an open_clip backbone: architecture by name or config JSON, weights by tag or local file.
 
-The toy world's `toy-clip` is an ordinary open_clip model config shipped in this package; its
-weights load from the shipped safetensors file when no `pretrained` is given.
+A package can ship a model: a `ShippedModel` (an open_clip config and default weights)
+registered by name in `SHIPPED_MODELS` (entry-point group ``promptbench_vlm.models``). The toy
+world's `toy-clip` is one such (`promptbench_vlm.toy.model`); this module names no model.
 
 The activation follows the weights: OpenAI's CLIP was trained with QuickGELU, and open_clip's
 plain configs (``ViT-B-16``) build ``nn.GELU``, which moves every feature (by about 4e-2 on a
@@ -30,12 +31,9 @@ import torch
 
 from .errors import UserError
 from .names import unknown_name_error
+from .registry import Registry
 from .tokenizer import fast_tokenizer
 
-TOY_DIR = Path(__file__).resolve().parent / "toy"
-TOY_MODEL = "toy-clip"
-TOY_CONFIG = TOY_DIR / f"{TOY_MODEL}.json"
-TOY_WEIGHTS = TOY_DIR / f"{TOY_MODEL}.safetensors"
 OPENAI_META_KEYS = ("input_resolution", "context_length", "vocab_size")
 """Non-tensor-weight entries of OpenAI's CLIP state dict (the reference `clip.build_model` drops them)."""
 QUICKGELU_SUFFIX = "-quickgelu"
@@ -122,45 +120,64 @@ def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextM
     return torch.autocast("cuda", dtype=dtype)
 
 
-def _register_model(model: str) -> str:
-    """Make `model` known to open_clip; a JSON path registers its config under the file's stem."""
-    if model == TOY_MODEL:
-        open_clip.add_model_config(TOY_CONFIG)
-        return model
+@dataclass(frozen=True)
+class ShippedModel:
+    """A model a package ships: an open_clip model config, and the weights used without `pretrained`.
+
+    Attributes:
+        config: The open_clip model-config JSON (registered under its file's stem).
+        weights: The default weights file; None: random init unless `pretrained` is given.
+    """
+
+    config: Path
+    weights: Path | None = None
+
+
+SHIPPED_MODELS: Registry[ShippedModel] = Registry("promptbench_vlm.models", "model",
+                                                  builtin={"toy-clip": "promptbench_vlm.toy.model:TOY_CLIP"})
+
+
+def _register_model(model: str) -> tuple[str, Path | None]:
+    """Make `model` known to open_clip: return its open_clip name and its shipped default
+    weights (if any). A JSON path registers its config under the file's stem."""
+    if model in SHIPPED_MODELS.names():
+        shipped = SHIPPED_MODELS.get(model)
+        open_clip.add_model_config(shipped.config)
+        return Path(shipped.config).stem, shipped.weights
     path = Path(model)
     if path.suffix == ".json":
         if not path.is_file():
             raise UserError(f"model config file not found: {path}")
         open_clip.add_model_config(path)
-        return path.stem
+        return path.stem, None
     if model not in open_clip.list_models():
-        raise unknown_name_error("open_clip model", model, open_clip.list_models() + [TOY_MODEL])
-    return model
+        raise unknown_name_error("open_clip model", model, open_clip.list_models() + SHIPPED_MODELS.names())
+    return model, None
 
 
-def load_backbone(model: str = TOY_MODEL, pretrained: str | None = None, device: str = "auto") -> Backbone:
+def load_backbone(model: str = "toy-clip", pretrained: str | None = None, device: str = "auto") -> Backbone:
     """Build an open_clip backbone.
 
     Args:
         model: An open_clip architecture name (``"ViT-B-16"``), the path of an open_clip model
-            config JSON, or ``"toy-clip"``.
+            config JSON, or a shipped model's name (``"toy-clip"``, `SHIPPED_MODELS`).
         pretrained: A pretrained tag (``"openai"``; downloaded where the network allows), the
             path of a local weights file (``.safetensors``, or a torch file loaded with
-            ``weights_only=True``), or None: random init, except for ``toy-clip`` whose shipped
-            weights are used.
+            ``weights_only=True``), or None: random init, except for a shipped model with
+            weights of its own, which are used.
         device: ``auto``, ``cpu`` or ``cuda``.
 
     Raises:
         UserError: unknown model or tag, a missing file, or a hub download that failed.
     """
     torch_device = resolve_device(device)
-    name = _register_model(model)
+    name, shipped_weights = _register_model(model)
     spec = str(Path(model).resolve()) if model.endswith(".json") else model
     weights = pretrained
-    if weights is None and name == TOY_MODEL:
-        if not TOY_WEIGHTS.is_file():
-            raise UserError(f"the shipped toy-clip weights are missing ({TOY_WEIGHTS}); reinstall the package")
-        weights = str(TOY_WEIGHTS)
+    if weights is None and shipped_weights is not None:
+        if not Path(shipped_weights).is_file():
+            raise UserError(f"the shipped weights of {model} are missing ({shipped_weights}); reinstall the package")
+        weights = str(shipped_weights)
     local_file = weights is not None and _looks_like_path(weights)
     openai_state: dict[str, torch.Tensor] | None = None
     trained_quick_gelu: bool | None = None

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Optional, TypeVar
 
 import typer
 from rich.console import Console
@@ -23,6 +23,7 @@ from .errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Measure how prompt wording moves CLIP-style prompt learners.")
 console = Console(stderr=True)
+T = TypeVar("T")
 
 
 class Listable(str, Enum):
@@ -73,6 +74,18 @@ def _progress() -> Iterator[Callable[[str, int, int], None]]:
         yield _Bars(progress)
 
 
+def _interruptible(call: Callable[[Callable[[str, int, int], None]], T]) -> T:
+    """`call(progress)` under progress bars; Ctrl-C exits 130 and SIGTERM 143, after the library
+    has kept what it finished (and said so)."""
+    from .resume import Terminated, sigterm_interrupts
+
+    with _progress() as progress, sigterm_interrupts():
+        try:
+            return call(progress)
+        except KeyboardInterrupt as interrupt:
+            raise typer.Exit(143 if isinstance(interrupt, Terminated) else 130) from None
+
+
 @app.command()
 def evaluate(
     model: Annotated[str, typer.Option(help="open_clip architecture name, model-config JSON path, or toy-clip.")] = "toy-clip",
@@ -116,7 +129,6 @@ def evaluate(
     from .options import split_pairs
     from .report import render
     from .results import write_csv
-    from .resume import Terminated, sigterm_interrupts
     from .wordings import protocol_for
 
     request = EvalRequest(
@@ -128,11 +140,7 @@ def evaluate(
         device=device, amp=amp, cache=cache, cache_dir=str(cache_dir) if cache_dir else None, output=output,
         resume=resume, wordings=protocol_for(wordings, templates, held_out, wording_seed, out_of_family),
     )
-    with _progress() as progress, sigterm_interrupts():
-        try:
-            result = run_evaluation(request, progress=progress, note=_note)
-        except KeyboardInterrupt as interrupt:
-            raise typer.Exit(143 if isinstance(interrupt, Terminated) else 130) from None
+    result = _interruptible(lambda progress: run_evaluation(request, progress=progress, note=_note))
     if not distributed.is_main():
         return
     render(result.doc)
@@ -187,7 +195,6 @@ def train(
     from .evaluation import output_path
     from .options import split_pairs
     from .report import render
-    from .resume import Terminated, sigterm_interrupts
     from .train.loop import TrainConfig
     from .train.run import TrainRequest, run_training
     from .wordings import protocol_for
@@ -220,11 +227,7 @@ def train(
         overwrite=overwrite, resume=resume,
         wordings=protocol_for(wordings, eval_templates, held_out, wording_seed, out_of_family),
     )
-    with _progress() as progress, sigterm_interrupts():
-        try:
-            doc = run_training(request, progress=progress, note=_note)
-        except KeyboardInterrupt as interrupt:
-            raise typer.Exit(143 if isinstance(interrupt, Terminated) else 130) from None
+    doc = _interruptible(lambda progress: run_training(request, progress=progress, note=_note))
     if not distributed.is_main():
         return
     render(doc)
@@ -340,9 +343,10 @@ def compare(
         _note(f"{record.status:>11} {record.method}/{record.learner}/{record.dataset}/seed{record.seed} "
               f"({record.wall_time_s:.0f} s){error}")
 
-    with _progress() as progress:
-        result = run_comparison(build_sweep(values), source=str(sweep or "flags"), skip_existing=skip_existing,
-                                overwrite=overwrite, plot=plot, progress=progress, on_record=announce, note=_note)
+    spec = build_sweep(values)
+    result = _interruptible(lambda progress: run_comparison(
+        spec, source=str(sweep or "flags"), skip_existing=skip_existing, overwrite=overwrite, plot=plot,
+        progress=progress, on_record=announce, note=_note))
     out = Console(width=160)
     out.print(to_rich(headline_table(result.summaries)))
     if result.comparisons:
@@ -392,10 +396,11 @@ def list_(
             out.print(f"{'':<24} source: {p.source}" + ("; needs --init META" if p.needs_init else ""),
                       highlight=False, soft_wrap=True)
     else:
-        from .data import SOURCES
+        from .data import DATASET_SOURCES
 
-        for name, description in SOURCES.items():
-            out.print(f"{name:<12} {description}")
+        for name in DATASET_SOURCES.names():
+            source = DATASET_SOURCES.get(name)
+            out.print(escape(f"{source.usage:<16} {source.description}  ({DATASET_SOURCES.origin(name)})"))
 
 
 def _usage_error_types() -> tuple[type[BaseException], ...]:

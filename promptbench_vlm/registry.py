@@ -23,15 +23,21 @@ class Registry(Generic[T]):
     Args:
         group: The entry-point group, e.g. ``"promptbench_vlm.learners"``.
         kind: What the objects are, for messages (``"learner"``).
+        builtin: ``name -> "module:attribute"`` entries declared in code, found exactly like
+            entry points (lazily, by the same path) but needing no reinstall when a release adds
+            one; an installed entry point of the same name wins.
     """
 
-    def __init__(self, group: str, kind: str):
+    def __init__(self, group: str, kind: str, builtin: dict[str, str] | None = None):
         self.group = group
         self.kind = kind
         self._local: dict[str, T] = {}
+        self._builtin = dict(builtin or {})
 
     def _entry_points(self) -> dict[str, EntryPoint]:
-        return {ep.name: ep for ep in entry_points(group=self.group)}
+        found = {name: EntryPoint(name, value, self.group) for name, value in self._builtin.items()}
+        found.update({ep.name: ep for ep in entry_points(group=self.group)})
+        return found
 
     def register(self, name: str, obj: T) -> T:
         """Register `obj` under `name` in this process (for tests and interactive use)."""

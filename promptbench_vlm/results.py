@@ -110,9 +110,9 @@ def result_schema() -> dict[str, Any]:
 
 def schema_errors(doc: Any) -> list[str]:
     """Where `doc` departs from the current schema, one ``at /json/path: message`` per problem."""
-    from jsonschema import Draft202012Validator
+    from jsonschema import Draft202012Validator, FormatChecker
 
-    validator = Draft202012Validator(result_schema(), format_checker=Draft202012Validator.FORMAT_CHECKER)
+    validator = Draft202012Validator(result_schema(), format_checker=FormatChecker())
     errors = sorted(validator.iter_errors(doc), key=lambda e: list(e.absolute_path))
     return [f"at /{'/'.join(str(p) for p in e.absolute_path)}: {e.message}" for e in errors]
 

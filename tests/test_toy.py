@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from promptbench_vlm.backbone import TOY_WEIGHTS, load_backbone
+from promptbench_vlm.backbone import load_backbone
+from promptbench_vlm.toy.model import TOY_WEIGHTS
 from promptbench_vlm.data.base import BaseNewSplit
 from promptbench_vlm.errors import UserError
 from promptbench_vlm.templates import load_templates

@@ -1,4 +1,8 @@
-"""Dataset sources, chosen by a spec string.
+"""Dataset sources, chosen by a spec string ``KIND`` or ``KIND:ARGUMENT``.
+
+Each kind is a `DatasetSource` registered in `DATASET_SOURCES` (entry-point group
+``promptbench_vlm.datasets``), found by name like a learner: this module names none of them and
+imports none of their code. The shipped ones:
 
 | spec | source |
 |---|---|
@@ -11,19 +15,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import UserError
-from ..names import unknown_name_error
+from ..registry import Registry
 from .base import SUBSETS, CorruptImageError, ImageDataset, select_subset
-
-SOURCES = {
-    "toy-shapes": "the embedded procedural toy world (no path)",
-    "folder": "folder:PATH - an image folder, one sub-folder per class",
-    "coop": "coop:NAME@ROOT - a CoOp/Dassl-layout dataset (oxford_pets, dtd, imagenet, ...)",
-    "hf": "hf:NAME - a Hugging Face hub dataset (needs network or a local cache)",
-    "hf-disk": "hf-disk:PATH - a Hugging Face dataset saved with save_to_disk",
-}
 
 
 @dataclass(frozen=True)
@@ -36,47 +33,56 @@ class DatasetOptions:
     trust_remote_code: bool = False
 
 
+@dataclass(frozen=True)
+class DatasetSource:
+    """One kind of dataset spec.
+
+    Attributes:
+        usage: How its spec is written (``folder:PATH``), for messages and listings.
+        description: One line for ``promptbench list datasets``.
+        load: ``load(argument, options)`` builds the dataset; the argument is what follows the
+            colon (empty for a source without one).
+        needs_argument: Whether a spec without ``:ARGUMENT`` is refused.
+    """
+
+    usage: str
+    description: str
+    load: Callable[[str, DatasetOptions], ImageDataset]
+    needs_argument: bool = True
+
+
+DATASET_SOURCES: Registry[DatasetSource] = Registry("promptbench_vlm.datasets", "dataset source", builtin={
+    "toy-shapes": "promptbench_vlm.toy.shapes:SOURCE",
+    "folder": "promptbench_vlm.data.folder:SOURCE",
+    "coop": "promptbench_vlm.data.coop:SOURCE",
+    "hf": "promptbench_vlm.data.hf:HUB_SOURCE",
+    "hf-disk": "promptbench_vlm.data.hf:DISK_SOURCE",
+})
+
+
 def load_dataset(spec: str, options: DatasetOptions | None = None, subset: str = "all") -> ImageDataset:
-    """Build the dataset named by `spec` (see the module table), then select `subset`.
+    """Build the dataset named by `spec` (``KIND`` or ``KIND:ARGUMENT``), then select `subset`.
 
     Raises:
-        UserError: for an unknown source, a missing path, or an empty dataset.
+        UserError: for an unknown source, a missing argument or path, or an empty dataset.
     """
     options = options or DatasetOptions()
-    kind, _, arg = spec.partition(":")
-    if kind == "toy-shapes":
-        from ..toy.shapes import ToyShapes
-
-        dataset: ImageDataset = ToyShapes(split=options.split)
-    elif kind == "folder" and arg:
-        from .folder import FolderDataset
-
-        dataset = FolderDataset(arg, split=options.split)
-    elif kind == "coop" and arg:
-        from .coop import load_coop
-
-        name, sep, root = arg.partition("@")
-        if not sep or not root:
-            raise UserError(f"coop dataset spec must be coop:NAME@ROOT, got '{spec}'")
-        dataset = load_coop(name, root, split=options.split)
-    elif kind in ("hf", "hf-disk") and arg:
-        from .hf import load_hf
-
-        dataset = load_hf(arg, options, from_disk=kind == "hf-disk")
-    elif kind in SOURCES:
-        raise UserError(f"dataset spec '{spec}' needs an argument: {SOURCES[kind]}")
-    else:
-        raise unknown_name_error("dataset source", kind, SOURCES)
+    kind, _, argument = spec.partition(":")
+    source = DATASET_SOURCES.get(kind)
+    if source.needs_argument and not argument:
+        raise UserError(f"dataset spec '{spec}' needs an argument: {source.usage} - {source.description}")
+    dataset = source.load(argument, options)
     if len(dataset) == 0:
         raise UserError(f"dataset '{spec}' (split '{options.split}') has no images")
     return select_subset(dataset, subset)
 
 
 __all__ = [
-    "SOURCES",
+    "DATASET_SOURCES",
     "SUBSETS",
     "CorruptImageError",
     "DatasetOptions",
+    "DatasetSource",
     "ImageDataset",
     "load_dataset",
     "select_subset",

@@ -20,6 +20,7 @@ from PIL import Image
 
 from ..errors import UserError
 from ..names import unknown_name_error
+from . import DatasetOptions, DatasetSource
 from .base import ImageDataset
 from .images import open_rgb
 
@@ -167,3 +168,13 @@ def _load_imagenet(spec: str, folder: Path, split: str) -> CoopDataset:
         paths += files
         labels += [label] * len(files)
     return CoopDataset(spec, [names[w] for w in wnids], paths, labels)
+
+
+def _load_source(argument: str, options: DatasetOptions) -> ImageDataset:
+    name, sep, root = argument.partition("@")
+    if not sep or not root:
+        raise UserError(f"coop dataset spec must be coop:NAME@ROOT, got 'coop:{argument}'")
+    return load_coop(name, root, split=options.split)
+
+
+SOURCE = DatasetSource("coop:NAME@ROOT", "a CoOp/Dassl-layout dataset (oxford_pets, dtd, imagenet, ...)", _load_source)

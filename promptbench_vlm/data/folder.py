@@ -18,6 +18,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..errors import UserError
+from . import DatasetOptions, DatasetSource
 from .base import ImageDataset
 from .images import open_rgb
 
@@ -85,3 +86,10 @@ def _image_files(class_dir: Path) -> list[Path]:
         and p.is_file()
         and not any(part.startswith(".") for part in p.relative_to(class_dir).parts)
     )
+
+
+def _load_source(argument: str, options: DatasetOptions) -> ImageDataset:
+    return FolderDataset(argument, split=options.split)
+
+
+SOURCE = DatasetSource("folder:PATH", "an image folder, one sub-folder per class", _load_source)

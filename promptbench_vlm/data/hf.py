@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 from ..errors import UserError
+from . import DatasetSource
 from .base import CorruptImageError, ImageDataset
 from .images import open_rgb
 
@@ -150,3 +151,9 @@ def _classes(table: datasets.Dataset, column: str, name: str) -> tuple[list[str]
         raise UserError(f"{name}: label column '{column}' must hold a ClassLabel, strings or integers ({feature})")
     index = {v: i for i, v in enumerate(unique)}
     return names, [index[v] for v in values]
+
+
+HUB_SOURCE = DatasetSource("hf:NAME", "a Hugging Face hub dataset (needs network or a local cache)",
+                           lambda argument, options: load_hf(argument, options, from_disk=False))
+DISK_SOURCE = DatasetSource("hf-disk:PATH", "a Hugging Face dataset saved with save_to_disk",
+                            lambda argument, options: load_hf(argument, options, from_disk=True))

@@ -20,12 +20,13 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from ..backbone import TOY_MODEL, load_backbone
+from ..backbone import load_backbone
 from ..data import DatasetOptions, ImageDataset, load_dataset
 from ..errors import UserError
 from ..evaluate import encode_images, encode_texts
 from ..learners import build_learner
 from ..learners.base import PromptLearner
+from .model import TOY_MODEL
 
 WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2, 1e-1)
 ZERO_SHOT_TEMPLATE = "a photo of a {}."

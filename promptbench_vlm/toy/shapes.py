@@ -48,6 +48,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from ..data import DatasetSource
 from ..data.base import ImageDataset
 from ..names import unknown_name_error
 
@@ -274,3 +275,7 @@ def caption(classname: str, f: Factors, rng: np.random.Generator) -> str:
     elif f.size == "large" and not f.many:
         after += _maybe(rng, ["large"])
     return " ".join(["a", *before, noun, "of", det, *after, classname]) + "."
+
+
+SOURCE = DatasetSource("toy-shapes", "the embedded procedural toy world (no path)",
+                       lambda _argument, options: ToyShapes(split=options.split), needs_argument=False)

@@ -44,9 +44,9 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 from safetensors.torch import save_file
 
-from ..backbone import TOY_CONFIG, TOY_DIR, TOY_WEIGHTS
 from ..perturb import fill_template
 from ..templates import DEFAULT_TEMPLATES, load_templates
+from .model import TOY_CONFIG, TOY_DIR, TOY_WEIGHTS
 from .shapes import CLASSNAMES, DATASET_LIGHT, PRETRAIN_LIGHT, SPLIT_SIZES, ToyShapes, caption, render
 
 TEACHER_CONFIG = TOY_DIR / "toy-clip-teacher.json"
