@@ -39,8 +39,9 @@ classname = st.one_of(
     st.lists(word, min_size=1, max_size=3).map(" ".join),  # punctuation, digits, non-ASCII
 )
 generated_template = st.builds(
-    lambda before, after, end: " ".join([*before, "{}", *after]) + end,
+    lambda before, slot, after, end: " ".join([*before, slot, *after]) + end,
     st.lists(st.sampled_from(VOCABULARY), max_size=6),
+    st.sampled_from(["{}", '"{}"', "({})", "{}'s", "{}-like"]),  # characters glued to the class name
     st.lists(st.sampled_from(VOCABULARY), max_size=4),
     st.sampled_from(["", ".", "!", " ."]),
 )
