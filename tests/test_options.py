@@ -276,3 +276,19 @@ def test_a_type_error_inside_a_plugin_is_its_own_error(tiny_backbone, monkeypatc
     with pytest.raises(UserError, match=r"method 'test-broken' \(registered in code\) raised TypeError: .*"
                                         r"test_options\.py:\d+, in __init__"):
         build_method("test-broken", build_learner("coop", tiny_backbone), ["a", "b"])
+
+
+def test_a_warm_up_covering_the_whole_run_is_a_warning(colours, tmp_path):
+    from promptbench_vlm.train.run import TrainRequest, run_training
+
+    notes: list[str] = []
+    request = TrainRequest(method="erm", learner="coop", model=str(TINY_CONFIG), dataset=f"folder:{colours}", shots=2,
+                           output=str(tmp_path / "run"), config=TrainConfig(epochs=1, batch_size=8, seed=1),
+                           eval_templates="single", eval_perturb="none", bootstrap=0, device="cpu", fewshot_cache=None)
+    run_training(request, note=notes.append)  # --epochs 1 with the default --warmup-epochs 1
+    assert [n for n in notes if n.startswith("warning: the warm-up (1 epoch(s) at 1e-05) covers the whole run")]
+    notes.clear()
+    request.config = TrainConfig(epochs=2, batch_size=8, seed=1)
+    request.overwrite = True
+    run_training(request, note=notes.append)
+    assert not [n for n in notes if "warm-up" in n]
