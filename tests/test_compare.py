@@ -78,6 +78,7 @@ def test_the_promise_ladder_runs_each_rung_as_promise_against_the_multi_template
         (False, False, 0.0), (True, False, 0.0), (True, True, 0.0), (True, True, 1.0)]  # one part added per rung
     assert sweep.reference_name() == "erm-multi" and sweep.wordings == "split"
     assert {r.method for r in runs} == set(sweep.methods) and {r.seed for r in runs} == {1, 2, 3}
+    assert build_sweep({"methods": ["erm"], "wordings": "all"}).wording_protocol() is None  # the old layout
     # without a reference given, the multi-template control is the default one
     assert build_sweep({"methods": ["zeroshot", "erm", "erm-multi"]}).reference_name() == "erm-multi"
 
