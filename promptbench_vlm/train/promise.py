@@ -54,7 +54,8 @@ class PromiseOptions:
     inner_lr: float = option(0.01, "Base inner rate alpha_0 (also of non-token parameters).")
     weighting: bool = option(True, "Learn template scores s, w = softmax(s / tau) over P_in; off: uniform weights.")
     tau: float = option(1.0, "Temperature tau of the template-weight softmax.")
-    entropy_reg: float = option(0.0, "lambda: the scores minimise L_out - lambda * H(w).")
+    entropy_reg: float = option(0.1, "lambda: the scores minimise L_out - lambda * H(w); 0.1 keeps the weights from "
+                                "collapsing onto one template (chosen on validation wordings, docs/methods-promise.md).")
     token_lr: bool = option(True, "Learned inner rates from the rate network H; off: every parameter uses alpha_0.")
     rate_hidden: int = option(32, "Hidden width of the rate network H.")
     meta_update: Literal["fomaml", "reptile"] = option("fomaml", "The meta-update of the prompts.")
@@ -114,7 +115,9 @@ class Promise(TrainingMethod):
         inner_lr: Base inner rate α₀ (also the rate of non-token parameters, MaPLe's projections).
         weighting: Learn template scores s, w = softmax(s / τ) over P_in; off: uniform weights.
         tau: Temperature τ of the softmax.
-        entropy_reg: λ; the scores minimise L_out − λ·H(w) (λ > 0 keeps the weights spread).
+        entropy_reg: λ; the scores minimise L_out − λ·H(w) (λ > 0 keeps the weights spread; default 0.1,
+            the smallest of 0, 0.01, 0.1, 1 that kept the weight entropy above half its maximum on
+            validation wordings and images, examples/selection/promise_entropy.py).
         token_lr: Learned inner rates from the rate network H; off: every parameter uses α₀.
         rate_input: What H reads. ``"tokens"``: each learned prompt token e_k, one rate per token
             (α_k = H(e_k), our first reading); ``"template_features"``: each P_in template's
