@@ -71,7 +71,9 @@ def image_key(learner: Any, dataset: Any, split: str, precision: str) -> dict[st
     """Everything image features depend on. The learned state enters only when the learner
     declares a learned image side, so trained learners of one kind share their image features."""
     learned = bool(getattr(learner, "image_side_learned", False))
+    mode = getattr(learner, "feature_mode", None)  # the inference path a learner chose for the subset (MMRL)
     return {
+        **({"feature_mode": mode} if mode is not None else {}),
         "backbone": learner.backbone.weights_hash(),
         "encoder": _encoder(learner, "encode_images"),
         "learner_state": tensors_hash(learner.learned_state()) if learned else None,

@@ -527,7 +527,12 @@ class Evaluator:
 
     def run(self, dataset: ImageDataset, subset: str = "all", partial: list | None = None) -> SubsetResult:
         """Evaluate on `dataset`; the finished result is also appended to `partial` if given,
-        so a caller evaluating several subsets keeps the finished ones if interrupted."""
+        so a caller evaluating several subsets keeps the finished ones if interrupted. The
+        learner scores inside its `scoring(subset)` context (its path for seen or unseen classes)."""
+        with self.learner.scoring(subset):
+            return self._run(dataset, subset, partial)
+
+    def _run(self, dataset: ImageDataset, subset: str, partial: list | None) -> SubsetResult:
         s = self.settings
         learner = self.learner.eval()
         timings: dict[str, float] = {}

@@ -9,6 +9,7 @@ learner, its options and the backbone it was built on: never a pickle.
 from __future__ import annotations
 
 import json
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -50,6 +51,8 @@ class Capabilities:
             cross-entropy (CoOp 0.002, MaPLe/IVLP 0.0035); a method may override it.
         anti_noise: Registry name of this learner's counterpart with ANPrompt's anti-noise
             prompts (``"anprompt-ivlp"``), which ANPrompt turns the learner into; None: none.
+        optimizer: The reference optimiser of the shared training loop: ``"sgd"`` (with
+            momentum, CoOp's recipe) or ``"adamw"`` (MMRL); a method may pin its own.
     """
 
     text_tokens: tuple[str, ...] = ()
@@ -58,6 +61,7 @@ class Capabilities:
     deep: bool = False
     default_lr: float = 0.002
     anti_noise: str | None = None
+    optimizer: str = "sgd"
 
 
 def matches(name: str, declared: tuple[str, ...]) -> bool:
@@ -115,6 +119,26 @@ class PromptLearner(nn.Module):
     def encode_texts(self, texts: list[str], image_features: torch.Tensor | None = None) -> torch.Tensor:
         """Return L2-normalised features ``[M, D]`` (``[N, M, D]`` if conditional) of filled prompts."""
         raise NotImplementedError
+
+    def scoring(self, subset: str) -> AbstractContextManager[None]:
+        """The context in which the evaluator scores `subset` (``all``, ``base``, ``new``, with an
+        ``@pool`` suffix under the wording protocol). A learner whose inference path depends on
+        whether the classes were seen in training switches here (MMRL: combined features for
+        base, class token for new), so the evaluator need not know it; default: nothing changes."""
+        return nullcontext()
+
+    @property
+    def feature_mode(self) -> str | None:
+        """The inference path `scoring` selected (part of the image-feature cache key); None for
+        a learner with a single path."""
+        return None
+
+    def extra_loss(self, images: torch.Tensor, labels: torch.Tensor, texts: list[str]
+                   ) -> tuple[torch.Tensor, dict[str, float]] | None:
+        """A learner's own training term, added by the methods to their loss (ERM, Promise at θ):
+        e.g. MMRL's regularisation towards frozen CLIP. `texts` are the class texts of the
+        method's template, in class order; None (the default): no term."""
+        return None
 
     @property
     def logit_scale(self) -> torch.Tensor:

@@ -47,7 +47,8 @@ class ERM(TrainingMethod):
     def loss(self, images, labels, image_features=None):
         logits, _ = self.logits(self.image_features(images, image_features))
         loss = F.cross_entropy(logits, labels)
-        return loss, {"acc": (logits.argmax(1) == labels).float().mean().item() * 100}
+        diagnostics = {"acc": (logits.argmax(1) == labels).float().mean().item() * 100}
+        return self.plus_learner_loss(loss, diagnostics, images, labels, self.texts)
 
 
 @dataclass(frozen=True)
@@ -97,4 +98,5 @@ class MultiTemplateERM(ERM):
             logits = torch.einsum("bd,kcd->kbc", feats, text)
         logits = self.learner.logit_scale * logits  # [k, B, C]
         loss = F.cross_entropy(logits.flatten(0, 1), labels.repeat(len(drawn)))
-        return loss, {"acc": (logits.argmax(-1) == labels).float().mean().item() * 100}
+        diagnostics = {"acc": (logits.argmax(-1) == labels).float().mean().item() * 100}
+        return self.plus_learner_loss(loss, diagnostics, images, labels, self.pool_texts[drawn[0]])

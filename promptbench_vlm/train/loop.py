@@ -1,8 +1,8 @@
 """The shared training loop: optimiser, schedule, data order, AMP, logging, divergence guard,
 training state and data parallelism.
 
-One loop serves every method: SGD with momentum and a cosine schedule after a constant warm-up
-(CoOp's recipe), gradient accumulation, AMP on CUDA only, a JSONL log line per optimiser step,
+One loop serves every method: SGD with momentum (or AdamW where the learner's reference uses it,
+`TrainingMethod.build_optimizer`) and a cosine schedule after a constant warm-up (CoOp's recipe), gradient accumulation, AMP on CUDA only, a JSONL log line per optimiser step,
 and a stop with the step number on a NaN/inf loss (the last epoch's checkpoint is kept). At each
 epoch end it writes the training state (`train_state`) from which ``--resume`` continues exactly.
 Under torchrun every rank takes a contiguous share of each batch of one global, seeded data
@@ -210,7 +210,7 @@ def train(
     device = learner.device
     torch.manual_seed(config.seed)
     params = method.trainable_parameters()
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    optimizer = method.build_optimizer(lr, config.momentum, config.weight_decay)
     use_fp16 = config.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()
     scaler = torch.amp.GradScaler("cuda", enabled=use_fp16)
 

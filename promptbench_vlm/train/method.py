@@ -60,6 +60,9 @@ class TrainingMethod(nn.Module):
     lr: ClassVar[float | None] = None
     learner_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
     template_options: ClassVar[tuple[str, ...]] = ()
+    optimizer: ClassVar[str | None] = None
+    """The shared loop's optimiser when the method defines it (Promise: its meta-update is an SGD
+    step); None: the learner's reference one (`Capabilities.optimizer`)."""
 
     def __init__(self, learner: PromptLearner, classnames: list[str], **options: Any):
         super().__init__()
@@ -97,6 +100,24 @@ class TrainingMethod(nn.Module):
             image_features: Precomputed features when the learner's image side is frozen, else None.
         """
         raise NotImplementedError
+
+    def build_optimizer(self, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
+        """The shared loop's optimiser over `trainable_parameters`: SGD with momentum, or AdamW
+        (its default betas) where the method or else the learner's reference asks for it."""
+        params = self.trainable_parameters()
+        if (self.optimizer or self.learner.capabilities.optimizer) == "adamw":
+            return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+    def plus_learner_loss(self, loss: torch.Tensor, diagnostics: dict[str, float], images: torch.Tensor,
+                          labels: torch.Tensor, texts: list[str]) -> tuple[torch.Tensor, dict[str, float]]:
+        """`loss` plus the learner's own term (`PromptLearner.extra_loss`, e.g. MMRL's
+        regularisation) on this batch and the class `texts` of the method's template."""
+        extra = self.learner.extra_loss(images, labels, texts)
+        if extra is None:
+            return loss, diagnostics
+        term, more = extra
+        return loss + term, {**diagnostics, **more, "learner_loss": term.item()}
 
     def image_features(self, images: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
         """The learner's image features, from the precomputed cache when the image side is frozen."""

@@ -142,6 +142,7 @@ class Promise(TrainingMethod):
     Options = PromiseOptions
     requires = ("text_tokens", "unconditional")
     template_options = ("templates",)
+    optimizer = "sgd"  # the meta-update is the loop's SGD step on the surrogate's gradient
 
     def __init__(self, learner: PromptLearner, classnames: list[str], **options: Any):
         super().__init__(learner, classnames, **options)
@@ -327,9 +328,12 @@ class Promise(TrainingMethod):
 
     def loss(self, images, labels, image_features=None):
         """Draw disjoint P_in / P_out, run the meta-step; the returned scalar's value is L_out and
-        its gradient the meta-gradient of θ, s and H (see the module docstring)."""
+        its gradient the meta-gradient of θ, s and H (see the module docstring), plus the
+        learner's own term at θ (`PromptLearner.extra_loss`; none for most learners)."""
         self.last_split = draw_split(len(self.templates), self.n_in, self.n_out)
-        return self.meta_step(images, labels, image_features, self.last_split)
+        loss, diagnostics = self.meta_step(images, labels, image_features, self.last_split)
+        # The learner's own term (MMRL's regularisation) at θ itself, on P_out's first template.
+        return self.plus_learner_loss(loss, diagnostics, images, labels, self.texts[int(self.last_split[1][0])])
 
     # --- pieces of the surrogate and of the log ------------------------------------------
     def _rate_term(self, rates: dict[str, torch.Tensor | float], v: Params, steps: list[InnerStep]) -> torch.Tensor:
