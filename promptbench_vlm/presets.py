@@ -21,6 +21,7 @@ from .names import unknown_name_error
 MPL = "muzairkhattak/multimodal-prompt-learning"
 SRC = "muzairkhattak/PromptSRC"
 COOP = "KaiyangZhou/CoOp"
+MMRL = "yunncheng/MMRL"
 TRAIN_KEYS = ("epochs", "batch_size", "lr", "warmup_epochs")
 REQUEST_KEYS = ("shots", "subset", "model", "pretrained")
 
@@ -69,6 +70,7 @@ def _presets() -> dict[str, Preset]:
     ivlp9 = {**deep9, "n_ctx_v": 2, "depth_v": 9}
     ivlp_src = {"n_ctx": 4, "ctx_init": INIT, "depth": 9, "n_ctx_v": 4, "depth_v": 9}
     src_losses = {"text_weight": 25.0, "image_weight": 10.0}
+    mmrl = {"n_rep_tokens": 5, "rep_dim": 512, "first_layer": 6, "alpha": 0.7, "reg_weight": 1.0}
     promise = "Promise (ICLR 2026) paper settings (the seed spec, specs/methods.md)"
     maml = "Kim & Ok, MAML with gradient clipping (meta-prompt; the seed spec, specs/methods.md)"
     items = [
@@ -100,6 +102,12 @@ def _presets() -> dict[str, Preset]:
                "setting: ImageNet, Caltech101, OxfordPets, Food101, UCF101, SUN397)", "promptsrc", "ivlp", ivlp_src,
                {**src_losses, "gpa_mean": 30.0, "gpa_std": 30.0},
                train={**ALL, "epochs": 50, "batch_size": 4, "lr": 0.0025}),
+        Preset("mmrl-b2n", "MMRL, 5 representation tokens in layers 6-12, dim 512, alpha 0.7, AdamW, base-to-new",
+               f"{MMRL} configs/trainers/MMRL/vit_b16.yaml", "erm", "mmrl", mmrl,
+               {"template": "a photo of a {}."}, train={**B2N, "epochs": 10, "batch_size": 4, "lr": 0.001}),
+        Preset("promise-mmrl-b2n", "Promise on MMRL (the Promise paper's best row): MMRL's layers, 10 epochs, "
+               "batch 8", promise, "promise", "mmrl", mmrl, {"templates_in": 30, "templates_out": 30},
+               train={**B2N, "epochs": 10, "batch_size": 8, "lr": 0.0035}),
         Preset("promise-ivlp-b2n", "Promise on IVLP: depth 9, 2+2 tokens, 10 epochs, batch 8", promise, "promise",
                "ivlp", ivlp9, {"templates_in": 30, "templates_out": 30},
                train={**B2N, "epochs": 10, "batch_size": 8, "lr": 0.0035}),

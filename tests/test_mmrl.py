@@ -211,3 +211,14 @@ def test_a_few_training_steps_move_the_parameters_with_a_finite_loss(tiny_backbo
     after = learner.learned_state()
     for name in ("rep_tokens", "proj_rep", "text_proj_w.0", "vision_proj_w.0"):
         assert (after[name] - before[name]).abs().max() > 0, name
+
+
+def test_presets_carry_the_published_configuration():
+    from promptbench_vlm.presets import PRESETS
+
+    preset = PRESETS["mmrl-b2n"]
+    assert (preset.method, preset.learner) == ("erm", "mmrl") and "configs/trainers/MMRL/vit_b16.yaml" in preset.source
+    assert preset.learner_options == {"n_rep_tokens": 5, "rep_dim": 512, "first_layer": 6, "alpha": 0.7,
+                                      "reg_weight": 1.0}
+    assert (preset.train["epochs"], preset.train["batch_size"], preset.train["lr"]) == (10, 4, 0.001)
+    assert PRESETS["promise-mmrl-b2n"].learner == "mmrl"
