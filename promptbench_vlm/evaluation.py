@@ -312,17 +312,22 @@ def _previous_run(template: str, fields: dict[str, str], run: dict[str, Any]
     return previous, earlier, complete
 
 
+def feature_cache(request: EvalRequest, say: Note):
+    """The feature cache a request asks for (None with ``cache=False``); warnings go to `say`."""
+    from .cache import FeatureCache
+    from .files import cache_root
+
+    if not request.cache:
+        return None
+    folder = Path(request.cache_dir) if request.cache_dir else cache_root() / "features"
+    return FeatureCache(folder, warn=lambda message: say(f"warning: {message}"))
+
+
 def _score_subsets(request: EvalRequest, learner: PromptLearner, inputs: EvalInputs, run: dict[str, Any],
                    path: Path | None, earlier: dict[str, dict[str, Any]], progress: ProgressFn | None,
                    say: Note, started_clock: float) -> list[SubsetResult]:
     """Score each subset not in `earlier`; each finished one is written at once (incomplete)."""
-    from .cache import FeatureCache
-    from .files import cache_root
-
-    features = None
-    if request.cache:
-        folder = Path(request.cache_dir) if request.cache_dir else cache_root() / "features"
-        features = FeatureCache(folder, warn=lambda message: say(f"warning: {message}"))
+    features = feature_cache(request, say)
     units = inputs.units()
     writes = distributed.is_main() and path is not None
     finished: list[SubsetResult] = []
