@@ -32,6 +32,7 @@ from .learners.base import PromptLearner
 from .names import unknown_name_error
 from .perturb import _EDGE_PUNCT, Edited, Lexicon, PromptUnits, _agreeing_words, split_prompt, synonym_candidates
 from .results import write_json
+from .templates import TemplateSet
 
 ATTACK_SCHEMA = "promptbench_vlm/attack"
 ATTACK_SCHEMA_VERSION = 1
@@ -274,9 +275,8 @@ def beam_search(starts: Sequence[str], scorer: WordingScorer, lexicon: Lexicon, 
     When a round's neighbours exceed the budget left, they are taken round robin over the beam in
     a seeded random order, so every beam member gets its share.
     """
-    if settings.budget < len(starts):
-        raise UserError(f"--budget {settings.budget} is smaller than the {len(starts)} start templates; "
-                        f"raise it or start from fewer templates")
+    if settings.budget < len(set(starts)):
+        raise UserError(f"--budget {settings.budget} is smaller than the {len(set(starts))} start templates")
     rng = np.random.default_rng(settings.seed)
     start_words = [Wording(t, t) for t in dict.fromkeys(starts)]
     p_true = scorer.score(start_words)
@@ -369,6 +369,7 @@ class Attack:
 
 
 def run_attack(request: EvalRequest, settings: AttackSettings, *, learner: PromptLearner | None = None,
+               dataset: ImageDataset | None = None, templates: Sequence[str] | None = None,
                progress: Callable[[str, int, int], None] | None = None, note: Note | None = None) -> Attack:
     """Search for the worst wordings of a learner on a dataset; write and return the result.
 
@@ -385,6 +386,8 @@ def run_attack(request: EvalRequest, settings: AttackSettings, *, learner: Promp
     started_clock = time.perf_counter()
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     request = EvalRequest(**{**request.__dict__, "perturb": "none", "subset": "all"})
+    if dataset is not None and settings.search_split != "half":
+        raise UserError("an attack on a dataset object searches and reports on halves of it (search_split='half')")
     if settings.search_split not in ("half", request.split):
         search_data = load_dataset(request.dataset, DatasetOptions(**{**request.dataset_options.__dict__,
                                                                        "split": settings.search_split}), "all")
@@ -393,7 +396,13 @@ def run_attack(request: EvalRequest, settings: AttackSettings, *, learner: Promp
                         f"search and report images must differ (use 'half' or another split)")
     else:
         search_data = None
-    inputs = load_inputs(request, note=say)
+    inputs = load_inputs(request, dataset, note=say)
+    if templates is not None:
+        inputs.templates = TemplateSet("given", tuple(templates))
+    starts = list(dict.fromkeys(inputs.templates.templates))
+    if settings.budget < len(starts):
+        raise UserError(f"--budget {settings.budget} is smaller than the {len(starts)} start templates; "
+                        f"raise it or start from fewer templates")
     report_data = inputs.datasets["all"]
     if search_data is not None and list(search_data.classnames) != list(report_data.classnames):
         raise UserError(f"the {settings.search_split} and {request.split} splits have different classes")
@@ -423,7 +432,7 @@ def run_attack(request: EvalRequest, settings: AttackSettings, *, learner: Promp
         raise UserError("too few images to split into search and report halves")
     scorer = WordingScorer(learner, report_data.classnames, search, report, cache, amp=request.amp)
     t0 = time.perf_counter()
-    found = beam_search(inputs.templates.templates, scorer, inputs.lexicon, settings, progress)
+    found = beam_search(starts, scorer, inputs.lexicon, settings, progress)
     search_s = time.perf_counter() - t0
     doc = attack_document(request, settings, learner, inputs, found, scorer, split_info, started)
     doc["counts"].update(images_encoded=encoded_images, images_cached=images.cached)
@@ -466,6 +475,7 @@ def attack_document(request: EvalRequest, settings: AttackSettings, learner: Pro
         },
         "worst": [_wording_entry(w) for w in top],
         "curve": found.curve,
+        "scored_templates": [w.template for w in found.scored],
         "counts": {"wordings_scored": scorer.scored, "texts_encoded": scorer.texts_encoded,
                    "texts_cached": scorer.texts_cached, "classes": len(scorer.classnames)},
     }

@@ -299,6 +299,59 @@ def report(
 
 
 @app.command()
+def attack(
+    model: Annotated[str, typer.Option(help="open_clip architecture name, model-config JSON path, or toy-clip.")] = "toy-clip",
+    pretrained: Annotated[Optional[str], typer.Option(help="Pretrained tag (hub) or local weights file.")] = None,
+    learner: Annotated[str, typer.Option(help="Registered learner name or a learner checkpoint (.safetensors).")] = "zeroshot",
+    learner_opt: Annotated[list[str], typer.Option("--learner-opt", help="Learner option KEY=VALUE (repeatable).")] = [],
+    dataset: Annotated[str, typer.Option(help="toy-shapes | folder:PATH | coop:NAME@ROOT | hf:NAME | hf-disk:PATH")] = "toy-shapes",
+    split: Annotated[str, typer.Option(help="Dataset split the found wordings are reported on.")] = "test",
+    search_split: Annotated[str, typer.Option(help="'half': search on a seeded half of --split's images, report on the other half; or a split name (e.g. val) to search on.")] = "half",
+    templates: Annotated[str, typer.Option(help="Start templates: a template set name or file.")] = "promptsrc60",
+    objective: Annotated[str, typer.Option(help="accuracy (minimised) | loss | sensitivity (maximised).")] = "accuracy",
+    budget: Annotated[int, typer.Option(min=1, help="Wordings scored in all, start templates included (at most budget x C prompt strings encoded).")] = 300,
+    beam: Annotated[int, typer.Option(min=1, help="Wordings expanded per round.")] = 8,
+    max_edits: Annotated[int, typer.Option(min=1, help="Edits allowed from a start template.")] = 3,
+    top: Annotated[int, typer.Option(min=1, help="Worst wordings listed.")] = 10,
+    lexicon: Annotated[Optional[Path], typer.Option(help="Your own synonym lexicon (JSON).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the half split and of the candidate order.")] = 0,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 128,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    output: Annotated[str, typer.Option(help="Result JSON path; fields {learner} {dataset} {split} {model} {seed} {time}.")] = "results/attack__{learner}__{dataset}__{split}__{time}.json",
+    cache: Annotated[bool, typer.Option(help="Reuse image and prompt features from the feature cache.")] = True,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Feature cache folder.")] = None,
+    amp: Annotated[bool, typer.Option(help="Mixed precision on CUDA (never on CPU).")] = True,
+) -> None:
+    """Search the meaning-preserving wordings near the templates for the one the learner fails on (docs/attack.md)."""
+    from rich.table import Table
+
+    from .attack import AttackSettings, run_attack
+    from .data import DatasetOptions
+    from .evaluation import EvalRequest
+    from .options import split_pairs
+
+    settings = AttackSettings(budget=budget, beam=beam, max_edits=max_edits, objective=objective,
+                              search_split=search_split, top=top, seed=seed)
+    request = EvalRequest(
+        model=model, pretrained=pretrained, learner=learner, learner_options=split_pairs(learner_opt, "--learner-opt"),
+        dataset=dataset, dataset_options=DatasetOptions(split=split), templates=templates,
+        lexicon=str(lexicon) if lexicon else None, seed=seed, batch_size=batch_size, device=device, amp=amp,
+        cache=cache, cache_dir=str(cache_dir) if cache_dir else None, output=output)
+    result = _interruptible(lambda progress: run_attack(request, settings, progress=progress, note=_note))
+    summary = result.doc["summary"]
+    table = Table(title=f"worst wordings ({summary['objective']}; search / report accuracy)")
+    for column in ("wording", "search acc", "report acc", "edits from start"):
+        table.add_column(column)
+    for w in result.doc["worst"]:
+        table.add_row(escape(w["template"]), f"{w['search']['acc']:.3f}", f"{w['report']['acc']:.3f}",
+                      escape("; ".join(f"{e['op']} {e['detail']}" for e in w["path"]) or "(start template)"))
+    Console().print(table)
+    print(f"worst-case accuracy {summary['worst_case_acc']:.3f} vs mean {summary['mean_acc']:.3f} "
+          f"(gap {summary['gap']:.3f}) on the report images; {summary['wordings_scored']} wordings scored")
+    _note(f"wrote {result.path}")
+
+
+@app.command()
 def compare(
     sweep: Annotated[Optional[Path], typer.Argument(help="Sweep TOML file (docs/compare.md); flags override its keys.")] = None,
     method: Annotated[list[str], typer.Option("--method", help="Method to compare, repeatable; 'zeroshot' = no training.")] = [],
