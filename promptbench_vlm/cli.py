@@ -371,12 +371,17 @@ def compare(
     output: Annotated[Optional[str], typer.Option(help="Folder of the runs, summary and report (default runs/compare).")] = None,
     reference: Annotated[Optional[str], typer.Option(help="METHOD or METHOD/LEARNER the others are tested against (default erm-multi, else zeroshot, else the first method).")] = None,
     wordings: Annotated[Optional[str], typer.Option(help="'split' (default): every method trains on the seen wordings only, reported on seen / held-out / out-of-family; 'all': the old layout.")] = None,
-    skip_existing: Annotated[bool, typer.Option(help="Reuse finished runs (resume an interrupted sweep).")] = False,
+    skip_existing: Annotated[bool, typer.Option(help="Reuse finished runs recorded with the sweep's settings (resume an interrupted sweep); rerun the others, naming the keys that differ.")] = False,
+    refuse_mismatched: Annotated[bool, typer.Option(help="With --skip-existing: refuse, naming the keys, instead of rerunning a finished run recorded with other settings.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Rerun finished runs.")] = False,
+    jobs: Annotated[int, typer.Option(help="Runs at once on this machine: one GPU each when GPUs are present, else a share of the CPU threads.")] = 1,
+    shard: Annotated[Optional[str], typer.Option(help="I/N: run only the I-th of N disjoint parts of the grid (a job-array task); build the report with --report-only after all of them.")] = None,
+    report_only: Annotated[bool, typer.Option(help="Run nothing: build the report and statistics from the finished runs in the output folder.")] = False,
     plot: Annotated[bool, typer.Option(help="Write PNG figures into the report (needs the [plot] extra).")] = False,
     preset: Annotated[list[str], typer.Option("--preset", help="Add a paper's configuration as a sweep entry (promptbench list presets), repeatable.")] = [],
 ) -> None:
     """Run methods x learners x datasets x seeds and report them side by side, with paired tests."""
+    from .compare.launch import parse_shard
     from .compare.run import run_comparison
     from .compare.sweep import build_sweep, read_sweep_file
     from .compare.tables import headline_table, paired_table, runs_table, to_rich
@@ -397,9 +402,15 @@ def compare(
               f"({record.wall_time_s:.0f} s){error}")
 
     spec = build_sweep(values)
+    part = parse_shard(shard) if shard is not None else None
     result = _interruptible(lambda progress: run_comparison(
         spec, source=str(sweep or "flags"), skip_existing=skip_existing, overwrite=overwrite, plot=plot,
-        progress=progress, on_record=announce, note=_note))
+        progress=progress, on_record=announce, note=_note, refuse_mismatched=refuse_mismatched, shard=part,
+        jobs=jobs, report_only=report_only))
+    if result.report is None:
+        _note(f"shard {shard}: {len(result.records)} runs, statuses in {result.summary_file}; once every shard "
+              "has finished, build the report with --report-only")
+        return
     out = Console(width=160)
     out.print(to_rich(headline_table(result.summaries)))
     if result.comparisons:
@@ -407,7 +418,7 @@ def compare(
     failed = runs_table(result.records)
     if failed.rows:
         out.print(to_rich(failed))
-    _note(f"wrote {result.report} and {result.summary_file}")
+    _note(f"wrote {result.report} (statistics.json and statistics.csv beside it) and {result.summary_file}")
 
 
 @app.command("list")

@@ -8,6 +8,7 @@ partly failed sweep keeps everything it finished.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Callable
@@ -70,11 +71,11 @@ def evaluate_zeroshot(sweep: Sweep, spec: RunSpec, folder: Path, progress: Progr
     return run_evaluation(request, progress=progress, note=note).doc
 
 
-def train_run(sweep: Sweep, spec: RunSpec, folder: Path, progress: ProgressFn | None = None,
-              note: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Train and evaluate one cell with `run_training`, with the method's own overrides."""
+def train_request(sweep: Sweep, spec: RunSpec, folder: Path):
+    """The `TrainRequest` of one trained cell, with the method's own overrides; its options typed
+    (`check_request`), so it compares equal to the ``train.json`` of the same cell."""
     from ..train.loop import TrainConfig
-    from ..train.run import TrainRequest, run_training
+    from ..train.run import TrainRequest, check_request
 
     settings = sweep.settings(spec.method)
     config = TrainConfig(epochs=settings.epochs or sweep.epochs, batch_size=settings.batch_size or sweep.batch_size,
@@ -86,62 +87,179 @@ def train_run(sweep: Sweep, spec: RunSpec, folder: Path, progress: ProgressFn | 
                            wordings=sweep.wording_protocol(),
                            eval_perturb=sweep.perturb, bootstrap=sweep.bootstrap, device=sweep.device,
                            overwrite=True)
-    return run_training(request, progress=progress, note=note)
+    check_request(request)
+    return request
 
 
-def write_summary(sweep: Sweep, left_out: list[str], records: list[RunRecord]) -> Path:
-    """Rewrite ``summary.json``: the sweep, the pairs left out, and each run's status so far."""
+def train_run(sweep: Sweep, spec: RunSpec, folder: Path, progress: ProgressFn | None = None,
+              note: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Train and evaluate one cell with `run_training`."""
+    from ..train.run import run_training
+
+    return run_training(train_request(sweep, spec, folder), progress=progress, note=note)
+
+
+def recorded_differences(sweep: Sweep, spec: RunSpec, folder: Path) -> list[str]:
+    """The settings on which the finished run in `folder` differs from what the sweep asks of `spec`.
+
+    A trained run is checked on its whole ``train.json`` request (method, options, epochs, shots,
+    templates, perturbations, wordings, ...); a zero-shot run on its result's ``run`` block
+    (model, data, split, subset, seed, bootstrap, perturbations). An unreadable record counts as
+    a difference (``train.json``).
+    """
+    from ..perturb import parse_perturbations
+    from ..train.run import SETTINGS, request_differences
+
+    if spec.method != ZEROSHOT:
+        try:
+            recorded = json.loads((folder / SETTINGS).read_text(encoding="utf-8"))["request"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+            return [SETTINGS]
+        return request_differences(recorded, train_request(sweep, spec, folder))
+    run = read_result(folder / RESULT)["run"]
+    wanted = {"learner": ZEROSHOT, "model": sweep.model, "pretrained": sweep.pretrained, "dataset": spec.dataset,
+              "split": "test", "subset": "base-new", "seed": spec.seed, "bootstrap": sweep.bootstrap,
+              "perturbations": [p.label for p in parse_perturbations(sweep.perturb)]}
+    run = {**run, "perturbations": [p["label"] for p in run.get("perturbations", [])]}
+    return [key for key, value in wanted.items() if run.get(key) != value]
+
+
+def run_cell(sweep: Sweep, spec: RunSpec, progress: ProgressFn | None = None,
+             note: Callable[[str], None] | None = None) -> RunRecord:
+    """Run one cell into its folder and record what happened; an error becomes a ``failed`` record.
+
+    Raises:
+        KeyboardInterrupt: as is, for the caller to record.
+    """
+    folder = run_folder(sweep, spec)
+    record = RunRecord(spec.method, spec.learner, spec.dataset, spec.seed, str(folder), "done")
+    started = time.perf_counter()
+    try:
+        run = evaluate_zeroshot if spec.method == ZEROSHOT else train_run
+        run(sweep, spec, folder, progress, note)
+    except KeyboardInterrupt:
+        raise
+    except Exception as err:  # one broken cell must not cost the rest of the grid
+        record.status = "failed"
+        record.error = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+    record.wall_time_s = time.perf_counter() - started
+    return record
+
+
+def summary_name(shard: tuple[int, int] | None) -> str:
+    """``summary.json``, or ``summary-shardIofN.json`` for one shard (shards never share a file)."""
+    return SUMMARY if shard is None else f"summary-shard{shard[0]}of{shard[1]}.json"
+
+
+def write_summary(sweep: Sweep, left_out: list[str], records: list[RunRecord],
+                  shard: tuple[int, int] | None = None) -> Path:
+    """Rewrite the summary: the sweep, the pairs left out, and each run's status so far."""
     doc = {"schema": SUMMARY_SCHEMA, "sweep": asdict(sweep), "left_out": left_out,
-           "runs": [asdict(r) for r in records]}
-    return write_json(doc, Path(sweep.output) / SUMMARY)
+           "shard": list(shard) if shard else None, "runs": [asdict(r) for r in records]}
+    return write_json(doc, Path(sweep.output) / summary_name(shard))
+
+
+def reusable(sweep: Sweep, specs: list[RunSpec], refuse_mismatched: bool,
+             note: Callable[[str], None] | None) -> set[RunSpec]:
+    """The finished cells whose recorded settings equal the sweep's; the others are named (and rerun).
+
+    Raises:
+        UserError: with `refuse_mismatched`, the first finished run recorded with other settings.
+    """
+    keep: set[RunSpec] = set()
+    for spec in specs:
+        folder = run_folder(sweep, spec)
+        if not finished(folder):
+            continue
+        differing = recorded_differences(sweep, spec, folder)
+        if not differing:
+            keep.add(spec)
+        elif refuse_mismatched:
+            raise UserError(f"{folder} was run with other settings than the sweep's ({', '.join(differing)} differ); "
+                            "pass those settings, another --output, or --overwrite")
+        elif note:
+            note(f"warning: rerunning {spec.name}: its recorded settings differ from the sweep's "
+                 f"({', '.join(differing)})")
+    return keep
 
 
 def run_grid(sweep: Sweep, skip_existing: bool = False, overwrite: bool = False,
              progress: ProgressFn | None = None, on_record: Callable[[RunRecord], None] | None = None,
-             note: Callable[[str], None] | None = None) -> tuple[list[RunRecord], list[str]]:
-    """Run every cell of the grid in order; return the records and the pairs left out.
+             note: Callable[[str], None] | None = None, refuse_mismatched: bool = False,
+             shard: tuple[int, int] | None = None, jobs: int = 1) -> tuple[list[RunRecord], list[str]]:
+    """Run the cells of the grid (or of one shard); return the records, in plan order, and the pairs left out.
 
     Args:
         sweep: The grid.
-        skip_existing: Reuse runs whose folder holds a finished result (resume).
+        skip_existing: Reuse runs whose folder holds a finished result recorded with the sweep's
+            settings; a finished run recorded with other settings is rerun (and named).
         overwrite: Rerun finished runs instead.
-        progress: Progress callback handed to training and evaluation.
+        progress: Progress callback handed to training and evaluation (serial runs only).
         on_record: Called after each run, for live reporting.
         note: Receives the runs' one-line messages for the user (warnings prefixed ``warning:``).
+        refuse_mismatched: With `skip_existing`, refuse (before any run) instead of rerunning a
+            finished run recorded with other settings.
+        shard: ``(I, N)``: run only the I-th of N disjoint parts of the grid (`launch.shard_cells`).
+        jobs: Runs at once (`launch.run_pool`); 1 runs them in this process, one after another.
 
     Raises:
         UserError: finished runs exist and neither `skip_existing` nor `overwrite` says what to do.
         KeyboardInterrupt: after recording the interrupted run in the summary.
     """
+    from .launch import run_pool, shard_cells
+
     specs, left_out = plan(sweep)
+    if shard is not None:
+        specs = shard_cells(specs, *shard)
     done_before = [s for s in specs if finished(run_folder(sweep, s))]
     if done_before and not (skip_existing or overwrite):
         raise UserError(f"{len(done_before)} run(s) already finished under {sweep.output} (e.g. "
                         f"{run_folder(sweep, done_before[0])}); pass --skip-existing to reuse them or --overwrite")
-    records: list[RunRecord] = []
-    for spec in specs:
-        folder = run_folder(sweep, spec)
-        record = RunRecord(spec.method, spec.learner, spec.dataset, spec.seed, str(folder), "done")
-        started = time.perf_counter()
-        if skip_existing and spec in done_before:
-            record.status = "existing"
-        else:
-            try:
-                run = evaluate_zeroshot if spec.method == ZEROSHOT else train_run
-                run(sweep, spec, folder, progress, note)
-            except KeyboardInterrupt:
-                record.status, record.error = "interrupted", "interrupted by the user"
-                records.append(record)
-                write_summary(sweep, left_out, records)
-                raise
-            except Exception as err:  # one broken cell must not cost the rest of the grid
-                record.status = "failed"
-                record.error = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
-        record.wall_time_s = time.perf_counter() - started
-        records.append(record)
-        write_summary(sweep, left_out, records)
+    reused = reusable(sweep, done_before, refuse_mismatched, note) if skip_existing else set()
+    by_spec: dict[RunSpec, RunRecord] = {}
+
+    def finish(spec: RunSpec, record: RunRecord) -> None:
+        by_spec[spec] = record
+        write_summary(sweep, left_out, [by_spec[s] for s in specs if s in by_spec], shard)
         if on_record:
             on_record(record)
+
+    for spec in specs:
+        if spec in reused:
+            finish(spec, RunRecord(spec.method, spec.learner, spec.dataset, spec.seed,
+                                   str(run_folder(sweep, spec)), "existing"))
+    to_run = [s for s in specs if s not in reused]
+    try:
+        if jobs > 1:
+            run_pool(sweep, to_run, jobs, finish)
+        else:
+            for spec in to_run:
+                finish(spec, run_cell(sweep, spec, progress, note))
+    except KeyboardInterrupt:
+        for spec in to_run:
+            if spec not in by_spec:
+                by_spec[spec] = RunRecord(spec.method, spec.learner, spec.dataset, spec.seed,
+                                          str(run_folder(sweep, spec)), "interrupted", "interrupted by the user")
+        write_summary(sweep, left_out, [by_spec[s] for s in specs], shard)
+        raise
+    return [by_spec[s] for s in specs], left_out
+
+
+def collect(sweep: Sweep) -> tuple[list[RunRecord], list[str]]:
+    """The grid's runs as they lie in ``sweep.output`` (written by any process, shard or job):
+    ``existing`` when finished with the sweep's settings, ``mismatched`` (naming the keys) when
+    finished with others, ``missing`` otherwise. Nothing runs."""
+    specs, left_out = plan(sweep)
+    records = []
+    for spec in specs:
+        folder = run_folder(sweep, spec)
+        record = RunRecord(spec.method, spec.learner, spec.dataset, spec.seed, str(folder), "missing",
+                           "no finished result file")
+        if finished(folder):
+            differing = recorded_differences(sweep, spec, folder)
+            record.status, record.error = ("mismatched", f"settings differ: {', '.join(differing)}") if differing \
+                else ("existing", None)
+        records.append(record)
     return records, left_out
 
 

@@ -14,7 +14,8 @@ from typing import Any
 
 from ..errors import UserError
 from ..evaluate import ProgressFn
-from .grid import SUMMARY, RunRecord, load_groups, run_grid
+from .export import CSV_NAME, JSON_NAME, write_statistics
+from .grid import SUMMARY, RunRecord, collect, load_groups, run_grid, summary_name, write_summary
 from .markdown import write_markdown
 from .stats import Comparison, Group, GroupSummary, compare_to_reference, summarise
 from .sweep import Sweep
@@ -30,41 +31,55 @@ class ComparisonResult:
         comparisons: Each method against the reference on the same images (may be empty).
         records: What happened to every run of the grid.
         left_out: ``method/learner`` pairs that do not fit.
-        report: The markdown report; ``summary.json`` lies beside it.
+        report: The markdown report, with ``statistics.json`` and ``.csv`` beside it (None for a shard).
         plots: The figures written (with ``plot``).
+        summary_file: The runs' statuses (``summary.json``; a shard's own file).
     """
 
     summaries: list[GroupSummary]
     comparisons: list[Comparison]
     records: list[RunRecord]
     left_out: list[str]
-    report: Path
+    report: Path | None
     plots: list[Path]
-
-    @property
-    def summary_file(self) -> Path:
-        return self.report.parent / SUMMARY
+    summary_file: Path
 
 
 def run_comparison(sweep: Sweep, source: str = "flags", skip_existing: bool = False, overwrite: bool = False,
                    plot: bool = False, progress: ProgressFn | None = None,
                    on_record: Callable[[RunRecord], None] | None = None,
-                   note: Callable[[str], None] | None = None) -> ComparisonResult:
+                   note: Callable[[str], None] | None = None, refuse_mismatched: bool = False,
+                   shard: tuple[int, int] | None = None, jobs: int = 1,
+                   report_only: bool = False) -> ComparisonResult:
     """Run every cell of `sweep`, then aggregate, test and write the report into ``sweep.output``.
 
     Args:
         source: Where the sweep came from (its TOML file, or ``flags``), for the report.
         plot: Also draw the figures (needs matplotlib: checked before any training).
+        refuse_mismatched, shard, jobs: As `grid.run_grid`. A shard runs its cells and writes its
+            own summary, but no report: the report needs every shard (`report_only` afterwards).
+        report_only: Run nothing: aggregate the finished runs lying in ``sweep.output`` (from
+            shards, job arrays, other machines), leaving out those recorded with other settings.
 
     Raises:
         UserError: no run finished, or (with `plot`) matplotlib is missing.
     """
     from .plots import all_plots, pyplot
 
+    if jobs < 1:
+        raise UserError(f"--jobs must be at least 1, got {jobs}")
+    if report_only and (shard or skip_existing or overwrite):
+        raise UserError("--report-only runs nothing: it takes no --shard, --skip-existing or --overwrite")
     if plot:
         pyplot()  # fail before an hour of training, not after
-    records, left_out = run_grid(sweep, skip_existing=skip_existing, overwrite=overwrite, progress=progress,
-                                 on_record=on_record, note=note)
+    if report_only:
+        records, left_out = collect(sweep)
+    else:
+        records, left_out = run_grid(sweep, skip_existing=skip_existing, overwrite=overwrite, progress=progress,
+                                     on_record=on_record, note=note, refuse_mismatched=refuse_mismatched,
+                                     shard=shard, jobs=jobs)
+    if shard is not None:
+        return ComparisonResult([], [], records, left_out, None, [], Path(sweep.output) / summary_name(shard))
     groups = load_groups(records)
     if not groups:
         raise UserError(f"no run finished; see {sweep.output}/{SUMMARY} for each run's error")
@@ -73,17 +88,22 @@ def run_comparison(sweep: Sweep, source: str = "flags", skip_existing: bool = Fa
     summaries = [summarise(g, sweep.bootstrap) for g in groups]
     comparisons = compare_to_reference(summaries, sweep.reference_name(), sweep.bootstrap)
     folder = Path(sweep.output)
+    if report_only:
+        write_summary(sweep, left_out, records)
     paths = all_plots(summaries, folder / "plots") if plot else []
+    finished_runs = sum(r.status in ("done", "existing") for r in records)
+    not_run = {status: sum(r.status == status for r in records) for status in ("failed", "missing", "mismatched")}
     setup = [f"sweep: {source}; reference: {sweep.reference_name()}",
              f"model {sweep.model}; datasets {', '.join(sweep.datasets)}; seeds {sweep.seeds}; {sweep.shots} shots; "
              f"{sweep.epochs} epochs; templates {sweep.templates}; perturbations {sweep.perturb}",
              wording_line(sweep),
-             f"runs: {sum(r.status in ('done', 'existing') for r in records)} finished, "
-             f"{sum(r.status == 'failed' for r in records)} failed"
-             + (f"; left out (method does not fit the learner): {', '.join(left_out)}" if left_out else "")]
+             f"runs: {finished_runs} finished, " + ", ".join(f"{n} {s}" for s, n in not_run.items() if n or s == "failed")
+             + (f"; left out (method does not fit the learner): {', '.join(left_out)}" if left_out else ""),
+             f"statistics as data: {JSON_NAME}, {CSV_NAME}"]
+    write_statistics(folder, summaries, comparisons)
     report = write_markdown(folder / "report.md", "promptbench comparison", setup, summaries, comparisons, records,
                             paths)
-    return ComparisonResult(summaries, comparisons, records, left_out, report, paths)
+    return ComparisonResult(summaries, comparisons, records, left_out, report, paths, folder / SUMMARY)
 
 
 def plot_result(doc: dict[str, Any], file: Path) -> tuple[list[Path], Path]:

@@ -116,10 +116,16 @@ def check_same_run(path: Path, request: TrainRequest) -> None:
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
         raise UserError(f"--resume: cannot read the run settings {path} ({err!r}); pass --overwrite to start over"
                         ) from None
-    differing = _differing(_comparable(earlier), _comparable(_jsonable(request)))
+    differing = request_differences(earlier, request)
     if differing:
         raise UserError(f"--resume: {path.parent} holds another run ({', '.join(differing)} differ); "
                         "pass the options of that run, or another --output")
+
+
+def request_differences(recorded: dict[str, Any], request: TrainRequest) -> list[str]:
+    """The keys (``config.lr`` for nested ones) on which a ``train.json`` request differs from
+    `request`, ignoring what may change between a run and its resumption (`VOLATILE_REQUEST_FIELDS`)."""
+    return _differing(_comparable(recorded), _comparable(_jsonable(request)))
 
 
 def keep_log_until(path: Path, step: int) -> None:

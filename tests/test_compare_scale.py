@@ -1,0 +1,168 @@
+"""Sweeps that scale out: --skip-existing checks the recorded settings, --shard splits the grid,
+--report-only aggregates run folders, statistics as JSON/CSV equal the report, --jobs equals serial.
+
+Tiny model, generated colour images, one epoch: every run takes seconds."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from conftest import TINY_CONFIG, assert_one_line_error, run_console, write_train_test_folders
+
+from promptbench_vlm.compare.launch import parse_shard, shard_cells
+from promptbench_vlm.compare.sweep import build_sweep, plan, read_sweep_file
+from promptbench_vlm.compare.tables import DIGITS, fmt_cell
+from promptbench_vlm.compare.stats import Cell
+from promptbench_vlm.errors import UserError
+
+EXAMPLE = Path(__file__).parent.parent / "examples" / "sweeps" / "toy.toml"
+
+
+@pytest.fixture(scope="module")
+def split_folder(tmp_path_factory) -> Path:
+    return write_train_test_folders(tmp_path_factory.mktemp("colours"), train=2, test=4)
+
+
+def sweep_file(tmp_path: Path, split_folder: Path, methods: str, seeds: str, output: str) -> Path:
+    (tmp_path / "t.txt").write_text("a photo of a {}.\na {}.\nitap of the {}.\n")
+    path = tmp_path / f"{output}.toml"
+    path.write_text(f"""
+methods = {methods}
+learners = ["coop"]
+datasets = ["folder:{split_folder}"]
+seeds = {seeds}
+shots = 2
+epochs = 1
+batch_size = 4
+lr = 0.02
+templates = "{tmp_path / 't.txt'}"
+perturb = "drop:strong"
+bootstrap = 30
+wordings = "all"
+model = "{TINY_CONFIG}"
+device = "cpu"
+output = "{tmp_path / output}"
+""")
+    return path
+
+
+def metrics(result: Path) -> dict:
+    return {name: body["metrics"] for name, body in json.loads(result.read_text())["subsets"].items()}
+
+
+def test_shards_cover_the_grid_exactly_once_disjointly():
+    specs, _ = plan(build_sweep(read_sweep_file(EXAMPLE)))
+    for count in (1, 2, 3, len(specs) + 1):
+        parts = [shard_cells(specs, i, count) for i in range(1, count + 1)]
+        flat = [s for part in parts for s in part]
+        assert len(flat) == len(specs) and set(flat) == set(specs)  # every cell once, none twice
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    assert shard_cells(specs, 1, 2) == shard_cells(plan(build_sweep(read_sweep_file(EXAMPLE)))[0], 1, 2)
+    assert parse_shard("2/3") == (2, 3)
+    for bad in ("0/2", "3/2", "1/0", "x", "1/2/3"):
+        with pytest.raises(UserError, match="--shard must be I/N"):
+            parse_shard(bad)
+
+
+def test_skip_existing_reruns_a_run_recorded_with_other_settings_and_says_why(tmp_path, split_folder):
+    sweep = sweep_file(tmp_path, split_folder, '["zeroshot", "erm"]', "[1]", "out")
+    first = run_console("compare", str(sweep))
+    assert first.returncode == 0, first.stderr[-2000:]
+    train_json = next((tmp_path / "out").glob("*/erm__coop__seed1/train.json"))
+    assert json.loads(train_json.read_text())["request"]["config"]["epochs"] == 1
+
+    again = run_console("compare", str(sweep), "--skip-existing")  # same settings: both reused
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert [r["status"] for r in json.loads((tmp_path / "out" / "summary.json").read_text())["runs"]] == [
+        "existing", "existing"]
+
+    refused = run_console("compare", str(sweep), "--skip-existing", "--refuse-mismatched", "--epochs", "2")
+    assert_one_line_error(refused, "erm__coop__seed1", "config.epochs", "other settings")
+    assert json.loads(train_json.read_text())["request"]["config"]["epochs"] == 1  # nothing ran
+
+    rerun = run_console("compare", str(sweep), "--skip-existing", "--epochs", "2", "--bootstrap", "20")
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    lines = [line for line in rerun.stderr.splitlines() if "rerunning" in line]
+    assert len(lines) == 2, rerun.stderr
+    assert "zeroshot/zeroshot" in lines[0] and "(bootstrap)" in lines[0]
+    assert "erm/coop" in lines[1] and "(bootstrap, config.epochs)" in lines[1]
+    assert json.loads(train_json.read_text())["request"]["config"]["epochs"] == 2
+    assert [r["status"] for r in json.loads((tmp_path / "out" / "summary.json").read_text())["runs"]] == [
+        "done", "done"]
+
+
+def cell_text(cell: dict, metric: str) -> str:
+    return fmt_cell(Cell(cell["mean"], cell["std"], tuple(cell["ci"]) if cell["ci"] else None, cell["n_seeds"]),
+                    DIGITS[metric])
+
+
+def test_shards_then_report_only_equal_one_run_and_the_statistics_equal_the_report(tmp_path, split_folder):
+    sweep = sweep_file(tmp_path, split_folder, '["zeroshot"]', "[1, 2]", "out")
+    whole = run_console("compare", str(sweep), "--output", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    for part in ("1/2", "2/2"):
+        proc = run_console("compare", str(sweep), "--shard", part)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "--report-only" in proc.stderr and not (tmp_path / "out" / "report.md").exists()
+    shards = [json.loads((tmp_path / "out" / f"summary-shard{i}of2.json").read_text())["runs"] for i in (1, 2)]
+    assert [[r["seed"] for r in runs] for runs in shards] == [[1], [2]]
+
+    report_only = run_console("compare", str(sweep), "--report-only")
+    assert report_only.returncode == 0, report_only.stderr[-2000:]
+    stats = json.loads((tmp_path / "out" / "statistics.json").read_text())
+    assert stats == json.loads((tmp_path / "whole" / "statistics.json").read_text())  # same runs, same numbers
+    (group,) = stats["groups"]
+    assert group["seeds"] == [1, 2] and group["clean"]["base"]["acc_mean"]["n_seeds"] == 2
+
+    report = (tmp_path / "out" / "report.md").read_text()
+    rows = [line for line in report.splitlines() if line.startswith("| zeroshot | zeroshot |")]
+    (row,) = rows  # the headline: base, new, H, S(θ) base, S(θ) new
+    cells = [group["base_new"][k] for k in ("base", "new", "H")]
+    texts = [cell_text(c, k) for c, k in zip(cells, ("base", "new", "H"))]
+    texts += [cell_text(group["clean"][s]["sensitivity"], "sensitivity") for s in ("base", "new")]
+    assert row == "| " + " | ".join(["zeroshot", "zeroshot", group["dataset"], "1,2", *texts]) + " |"
+    for subset in ("base", "new"):  # the perturbation tables
+        for metric in ("AS", "LPR"):
+            cell = group["perturbations"][subset]["drop:strong"][metric]
+            table = report.split(f"**{metric} per perturbation, subset {subset}**")[1].split("**")[0]
+            assert f"| {cell_text(cell, metric)} |" in table
+
+    with (tmp_path / "out" / "statistics.csv").open(newline="") as f:
+        table = list(csv.DictReader(f))
+    as_csv = {(r["subset"], r["perturbation"], r["metric"]): r for r in table}
+    assert float(as_csv[("base-new", "", "H")]["mean"]) == group["base_new"]["H"]["mean"]
+    ci = group["clean"]["new"]["sensitivity"]["ci"]
+    assert [float(as_csv[("new", "", "sensitivity")][k]) for k in ("ci_low", "ci_high")] == ci
+    assert len(table) == sum(len(cells) for cells in group["clean"].values()) + len(group["base_new"]) + sum(
+        len(m) for labels in group["perturbations"].values() for m in labels.values())
+
+
+def test_report_only_names_missing_and_mismatched_runs(tmp_path, split_folder):
+    sweep = sweep_file(tmp_path, split_folder, '["zeroshot"]', "[1, 2]", "out")
+    assert run_console("compare", str(sweep), "--shard", "1/2").returncode == 0
+    proc = run_console("compare", str(sweep), "--report-only", "--bootstrap", "20")
+    assert_one_line_error(proc, "no run finished")
+    proc = run_console("compare", str(sweep), "--report-only")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    failed = (tmp_path / "out" / "report.md").read_text().split("## Runs that did not finish")[1].split("##")[0]
+    assert "missing" in failed and "| 2 |" in failed and "| 1 |" not in failed
+    bad = run_console("compare", str(sweep), "--shard", "3/2")
+    assert_one_line_error(bad, "--shard must be I/N")
+
+
+def test_jobs_2_gives_the_metrics_of_a_serial_run(tmp_path, split_folder):
+    sweep = sweep_file(tmp_path, split_folder, '["erm"]', "[1, 2]", "serial")
+    serial = run_console("compare", str(sweep))
+    assert serial.returncode == 0, serial.stderr[-2000:]
+    parallel = run_console("compare", str(sweep), "--jobs", "2", "--output", str(tmp_path / "parallel"))
+    assert parallel.returncode == 0, parallel.stderr[-2000:]
+    for seed in (1, 2):
+        a, b = (next((tmp_path / out).glob(f"*/erm__coop__seed{seed}/result.json")) for out in ("serial", "parallel"))
+        assert metrics(a) == metrics(b)
+    assert metrics(a) != metrics(next((tmp_path / "serial").glob("*/erm__coop__seed1/result.json")))
+    assert json.loads((tmp_path / "parallel" / "statistics.json").read_text()) == json.loads(
+        (tmp_path / "serial" / "statistics.json").read_text())
+    assert_one_line_error(run_console("compare", str(sweep), "--jobs", "0"), "--jobs must be at least 1")
