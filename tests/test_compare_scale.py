@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import TINY_CONFIG, assert_one_line_error, run_console, write_train_test_folders
+from conftest import TINY_CONFIG, assert_one_line_error, run_cli, run_console, write_train_test_folders
 
 from promptbench_vlm.compare.launch import parse_shard, shard_cells
 from promptbench_vlm.compare.sweep import build_sweep, plan, read_sweep_file
@@ -49,6 +49,22 @@ output = "{tmp_path / output}"
     return path
 
 
+class Cli:
+    """`promptbench compare ...` in-process (fast); its exit code and stderr, as `run_console` gives them."""
+
+    def __init__(self, monkeypatch, capsys):
+        self.monkeypatch, self.capsys = monkeypatch, capsys
+
+    def __call__(self, *args: str):
+        code, _, err = run_cli(self.monkeypatch, self.capsys, "compare", *args)
+        return code, err
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys) -> Cli:
+    return Cli(monkeypatch, capsys)
+
+
 def metrics(result: Path) -> dict:
     return {name: body["metrics"] for name, body in json.loads(result.read_text())["subsets"].items()}
 
@@ -67,15 +83,15 @@ def test_shards_cover_the_grid_exactly_once_disjointly():
             parse_shard(bad)
 
 
-def test_skip_existing_reruns_a_run_recorded_with_other_settings_and_says_why(tmp_path, split_folder):
+def test_skip_existing_reruns_a_run_recorded_with_other_settings_and_says_why(cli, tmp_path, split_folder):
     sweep = sweep_file(tmp_path, split_folder, '["zeroshot", "erm"]', "[1]", "out")
-    first = run_console("compare", str(sweep))
-    assert first.returncode == 0, first.stderr[-2000:]
+    code, err = cli(str(sweep))
+    assert code == 0, err
     train_json = next((tmp_path / "out").glob("*/erm__coop__seed1/train.json"))
     assert json.loads(train_json.read_text())["request"]["config"]["epochs"] == 1
 
-    again = run_console("compare", str(sweep), "--skip-existing")  # same settings: both reused
-    assert again.returncode == 0, again.stderr[-2000:]
+    code, err = cli(str(sweep), "--skip-existing")  # same settings: both reused
+    assert code == 0, err
     assert [r["status"] for r in json.loads((tmp_path / "out" / "summary.json").read_text())["runs"]] == [
         "existing", "existing"]
 
@@ -83,10 +99,10 @@ def test_skip_existing_reruns_a_run_recorded_with_other_settings_and_says_why(tm
     assert_one_line_error(refused, "erm__coop__seed1", "config.epochs", "other settings")
     assert json.loads(train_json.read_text())["request"]["config"]["epochs"] == 1  # nothing ran
 
-    rerun = run_console("compare", str(sweep), "--skip-existing", "--epochs", "2", "--bootstrap", "20")
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
-    lines = [line for line in rerun.stderr.splitlines() if "rerunning" in line]
-    assert len(lines) == 2, rerun.stderr
+    code, err = cli(str(sweep), "--skip-existing", "--epochs", "2", "--bootstrap", "20")
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if "rerunning" in line]
+    assert len(lines) == 2, err
     assert "zeroshot/zeroshot" in lines[0] and "(bootstrap)" in lines[0]
     assert "erm/coop" in lines[1] and "(bootstrap, config.epochs)" in lines[1]
     assert json.loads(train_json.read_text())["request"]["config"]["epochs"] == 2
@@ -99,19 +115,19 @@ def cell_text(cell: dict, metric: str) -> str:
                     DIGITS[metric])
 
 
-def test_shards_then_report_only_equal_one_run_and_the_statistics_equal_the_report(tmp_path, split_folder):
+def test_shards_then_report_only_equal_one_run_and_the_statistics_equal_the_report(cli, tmp_path, split_folder):
     sweep = sweep_file(tmp_path, split_folder, '["zeroshot"]', "[1, 2]", "out")
-    whole = run_console("compare", str(sweep), "--output", str(tmp_path / "whole"))
-    assert whole.returncode == 0, whole.stderr[-2000:]
+    code, err = cli(str(sweep), "--output", str(tmp_path / "whole"))
+    assert code == 0, err
     for part in ("1/2", "2/2"):
-        proc = run_console("compare", str(sweep), "--shard", part)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        assert "--report-only" in proc.stderr and not (tmp_path / "out" / "report.md").exists()
+        code, err = cli(str(sweep), "--shard", part)
+        assert code == 0, err
+        assert "--report-only" in err and not (tmp_path / "out" / "report.md").exists()
     shards = [json.loads((tmp_path / "out" / f"summary-shard{i}of2.json").read_text())["runs"] for i in (1, 2)]
     assert [[r["seed"] for r in runs] for runs in shards] == [[1], [2]]
 
-    report_only = run_console("compare", str(sweep), "--report-only")
-    assert report_only.returncode == 0, report_only.stderr[-2000:]
+    code, err = cli(str(sweep), "--report-only")
+    assert code == 0, err
     stats = json.loads((tmp_path / "out" / "statistics.json").read_text())
     assert stats == json.loads((tmp_path / "whole" / "statistics.json").read_text())  # same runs, same numbers
     (group,) = stats["groups"]
@@ -140,25 +156,25 @@ def test_shards_then_report_only_equal_one_run_and_the_statistics_equal_the_repo
         len(m) for labels in group["perturbations"].values() for m in labels.values())
 
 
-def test_report_only_names_missing_and_mismatched_runs(tmp_path, split_folder):
+def test_report_only_names_missing_and_mismatched_runs(cli, tmp_path, split_folder):
     sweep = sweep_file(tmp_path, split_folder, '["zeroshot"]', "[1, 2]", "out")
-    assert run_console("compare", str(sweep), "--shard", "1/2").returncode == 0
-    proc = run_console("compare", str(sweep), "--report-only", "--bootstrap", "20")
-    assert_one_line_error(proc, "no run finished")
-    proc = run_console("compare", str(sweep), "--report-only")
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert cli(str(sweep), "--shard", "1/2")[0] == 0
+    code, err = cli(str(sweep), "--report-only", "--bootstrap", "20")  # seed 1 mismatched, seed 2 missing
+    assert code == 2 and "no run finished" in err
+    code, err = cli(str(sweep), "--report-only")
+    assert code == 0, err
     failed = (tmp_path / "out" / "report.md").read_text().split("## Runs that did not finish")[1].split("##")[0]
     assert "missing" in failed and "| 2 |" in failed and "| 1 |" not in failed
     bad = run_console("compare", str(sweep), "--shard", "3/2")
     assert_one_line_error(bad, "--shard must be I/N")
 
 
-def test_jobs_2_gives_the_metrics_of_a_serial_run(tmp_path, split_folder):
+def test_jobs_2_gives_the_metrics_of_a_serial_run(cli, tmp_path, split_folder):
     sweep = sweep_file(tmp_path, split_folder, '["erm"]', "[1, 2]", "serial")
-    serial = run_console("compare", str(sweep))
-    assert serial.returncode == 0, serial.stderr[-2000:]
-    parallel = run_console("compare", str(sweep), "--jobs", "2", "--output", str(tmp_path / "parallel"))
-    assert parallel.returncode == 0, parallel.stderr[-2000:]
+    code, err = cli(str(sweep))
+    assert code == 0, err
+    code, err = cli(str(sweep), "--jobs", "2", "--output", str(tmp_path / "parallel"))
+    assert code == 0, err
     for seed in (1, 2):
         a, b = (next((tmp_path / out).glob(f"*/erm__coop__seed{seed}/result.json")) for out in ("serial", "parallel"))
         assert metrics(a) == metrics(b)
