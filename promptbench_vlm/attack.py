@@ -374,8 +374,8 @@ def run_attack(request: EvalRequest, settings: AttackSettings, *, learner: Promp
     """Search for the worst wordings of a learner on a dataset; write and return the result.
 
     `request` says the learner, dataset, split (the report split), start templates (``templates``),
-    lexicon, cache and output as for an evaluation (its perturbations and subset are not used: the
-    attack runs on all classes). Image features are encoded once per split, with the evaluator's
+    lexicon, cache, subset (all, base or new classes) and output as for an evaluation (its
+    perturbations are not used). Image features are encoded once per split, with the evaluator's
     cache; every wording is scored from its C text features.
 
     Raises:
@@ -385,12 +385,15 @@ def run_attack(request: EvalRequest, settings: AttackSettings, *, learner: Promp
     say = note or (lambda message: None)
     started_clock = time.perf_counter()
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    request = EvalRequest(**{**request.__dict__, "perturb": "none", "subset": "all"})
+    if request.subset == "base-new":
+        raise UserError("an attack runs on one subset of classes: --subset all, base or new")
+    request = EvalRequest(**{**request.__dict__, "perturb": "none"})
     if dataset is not None and settings.search_split != "half":
         raise UserError("an attack on a dataset object searches and reports on halves of it (search_split='half')")
     if settings.search_split not in ("half", request.split):
         search_data = load_dataset(request.dataset, DatasetOptions(**{**request.dataset_options.__dict__,
-                                                                       "split": settings.search_split}), "all")
+                                                                       "split": settings.search_split}),
+                                   request.subset)
     elif settings.search_split == request.split:
         raise UserError(f"--search-split {settings.search_split} is the report split --split {request.split}: "
                         f"search and report images must differ (use 'half' or another split)")
@@ -403,7 +406,7 @@ def run_attack(request: EvalRequest, settings: AttackSettings, *, learner: Promp
     if settings.budget < len(starts):
         raise UserError(f"--budget {settings.budget} is smaller than the {len(starts)} start templates; "
                         f"raise it or start from fewer templates")
-    report_data = inputs.datasets["all"]
+    report_data = inputs.datasets[request.subset]
     if search_data is not None and list(search_data.classnames) != list(report_data.classnames):
         raise UserError(f"the {settings.search_split} and {request.split} splits have different classes")
     learner = (learner or load_evaluated_learner(request, say)).eval()
@@ -441,7 +444,7 @@ def run_attack(request: EvalRequest, settings: AttackSettings, *, learner: Promp
     path = None
     if request.output is not None:
         path = output_path(request.output, learner=learner.name, dataset=request.dataset, split=request.split,
-                           subset="all", model=learner.backbone.name, seed=str(request.seed),
+                           subset=request.subset, model=learner.backbone.name, seed=str(request.seed),
                            time=dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
         write_json(doc, path)
     return Attack(doc, path)

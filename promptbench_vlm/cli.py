@@ -306,6 +306,7 @@ def attack(
     learner_opt: Annotated[list[str], typer.Option("--learner-opt", help="Learner option KEY=VALUE (repeatable).")] = [],
     dataset: Annotated[str, typer.Option(help="toy-shapes | folder:PATH | coop:NAME@ROOT | hf:NAME | hf-disk:PATH")] = "toy-shapes",
     split: Annotated[str, typer.Option(help="Dataset split the found wordings are reported on.")] = "test",
+    subset: Annotated[str, typer.Option(help="Classes: all | base | new.")] = "all",
     search_split: Annotated[str, typer.Option(help="'half': search on a seeded half of --split's images, report on the other half; or a split name (e.g. val) to search on.")] = "half",
     templates: Annotated[str, typer.Option(help="Start templates: a template set name or file.")] = "promptsrc60",
     objective: Annotated[str, typer.Option(help="accuracy (minimised) | loss | sensitivity (maximised).")] = "accuracy",
@@ -317,7 +318,7 @@ def attack(
     seed: Annotated[int, typer.Option(help="Seed of the half split and of the candidate order.")] = 0,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 128,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
-    output: Annotated[str, typer.Option(help="Result JSON path; fields {learner} {dataset} {split} {model} {seed} {time}.")] = "results/attack__{learner}__{dataset}__{split}__{time}.json",
+    output: Annotated[str, typer.Option(help="Result JSON path; fields {learner} {dataset} {split} {subset} {model} {seed} {time}.")] = "results/attack__{learner}__{dataset}__{split}__{time}.json",
     cache: Annotated[bool, typer.Option(help="Reuse image and prompt features from the feature cache.")] = True,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Feature cache folder.")] = None,
     amp: Annotated[bool, typer.Option(help="Mixed precision on CUDA (never on CPU).")] = True,
@@ -334,7 +335,7 @@ def attack(
                               search_split=search_split, top=top, seed=seed)
     request = EvalRequest(
         model=model, pretrained=pretrained, learner=learner, learner_options=split_pairs(learner_opt, "--learner-opt"),
-        dataset=dataset, dataset_options=DatasetOptions(split=split), templates=templates,
+        dataset=dataset, dataset_options=DatasetOptions(split=split), subset=subset, templates=templates,
         lexicon=str(lexicon) if lexicon else None, seed=seed, batch_size=batch_size, device=device, amp=amp,
         cache=cache, cache_dir=str(cache_dir) if cache_dir else None, output=output)
     result = _interruptible(lambda progress: run_attack(request, settings, progress=progress, note=_note))

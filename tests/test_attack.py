@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from conftest import COLOURS, TINY_CONFIG, ColourDataset, colour_image, assert_one_line_error, run_console
 from promptbench_vlm.attack import (AttackSettings, grammatical, neighbours, run_attack, stratified_halves,
                                     word_distance)
+from promptbench_vlm.errors import UserError
 from promptbench_vlm.evaluation import EvalRequest
 from promptbench_vlm.learners import build_learner
 from promptbench_vlm.perturb import load_lexicon
@@ -150,3 +151,18 @@ def test_attack_command_writes_the_result(image_folder, tmp_path):
     bad = run_console("attack", "--model", str(TINY_CONFIG), "--dataset", f"folder:{image_folder}",
                       "--templates", str(templates), "--budget", "1", "--device", "cpu", "--output", str(out))
     assert_one_line_error(bad, "--budget 1", "start templates")
+
+
+@pytest.mark.parametrize("req, settings, needle", [
+    ({"subset": "base-new"}, {}, "one subset"),
+    ({}, {"search_split": "test"}, "must differ"),
+    ({}, {"budget": 10}, "start templates"),
+])
+def test_bad_attack_requests_fail_before_any_model_loads(req, settings, needle, monkeypatch):
+    import promptbench_vlm.attack as attack
+
+    monkeypatch.setattr(attack, "load_evaluated_learner", lambda *a: pytest.fail("a model was loaded"))
+    with pytest.raises(UserError, match=needle):
+        run_attack(request(**req), AttackSettings(**settings))
+    with pytest.raises(UserError, match="did you mean|Valid"):
+        AttackSettings(objective="acc")
