@@ -3,30 +3,36 @@
 Image features never depend on the template, so a re-run with other templates or perturbations
 needs none of them recomputed; text features of one text encoder never depend on the dataset.
 Entries are safetensors files (never a pickle) written atomically, each carrying the full key it
-was computed under as JSON metadata:
+was computed under and a SHA-256 of every tensor as JSON metadata:
 
 - images: ``images/<key digest>/<start>-<end>.safetensors`` holds the features and item indices
   of the readable images in ``[start, end)`` and the skipped ones. The key: backbone weights hash,
-  the class whose ``encode_images`` ran, the learned state (only for learners whose image side is
-  learned), the preprocessing, the dataset fingerprint, the split and the numeric precision.
+  the encoding code (see `_encoder`), the learned state (only for learners whose image side is
+  learned), the preprocessing, the dataset fingerprint (resolved paths, sizes and modification
+  times of the files), the split and the numeric precision.
 - texts: ``texts/<key digest>/<segment digest>.safetensors`` holds features of a list of prompt
-  strings. The key: backbone weights hash, learner, options and learned state, and precision.
+  strings. The key: backbone weights hash, the encoding code, learner, options and learned
+  state, and precision.
 - prompts: ``prompts/<key digest>.safetensors`` holds a prompt table (`prompts.PromptTable`),
   whose pure-Python build costs more than loading it. The key: templates, class names,
   perturbation specs, draws, seed, lexicon content and the code hash of the perturbation ops.
 
 A chunk of images and a segment of texts are also the units a killed run resumes from: they are
-written as soon as they are computed. An entry that cannot be read, or whose stored key or shapes
-disagree with what is expected, is stale or corrupt: it is reported (a `CacheWarning`) and rebuilt.
+written as soon as they are computed. An entry that cannot be read, whose tensors do not match
+their checksums, or whose stored key or shapes disagree with what is expected, is stale or
+corrupt: it is reported (a `CacheWarning`) and rebuilt.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import re
+import sys
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,22 +40,29 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from . import __version__
+from .errors import InputWarning
 from .files import atomic_path
 
-FORMAT = "promptbench_vlm.features/1"
+FORMAT = "promptbench_vlm.features/2"
 CHUNK_IMAGES = 256
 """Images per cache chunk: the unit of caching, resuming and sharding across ranks."""
 SEGMENT_TEXTS = 2048
 """Prompt strings per text segment: the unit a killed run's text encoding resumes from."""
 
 
-class CacheWarning(UserWarning):
+class CacheWarning(InputWarning):
     """A cache entry was stale or corrupt and is being rebuilt."""
 
 
 def digest(value: Any) -> str:
     """A short SHA-256 of a JSON-serialisable value (sorted keys): stable across runs."""
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _checksum(tensor: torch.Tensor) -> str:
+    """SHA-256 of a stored tensor's bytes: safetensors itself checks only the header."""
+    return hashlib.sha256(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()[:32]
 
 
 def tensors_hash(tensors: dict[str, torch.Tensor]) -> str:
@@ -61,10 +74,41 @@ def tensors_hash(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
-def _encoder(learner: Any, method: str) -> str:
-    """The qualified name of the class that defines `method`: the code that computes features."""
-    func = getattr(type(learner), method)
-    return f"{func.__module__}.{func.__qualname__}"
+def _encoder(learner: Any, method: str) -> dict[str, str]:
+    """The code that computes the features: the class defining `method`, and a hash of that code.
+
+    The hash covers the package version and the source files of the modules defining the
+    learner's class and each of its base classes (outside torch), so an edited plug-in (installed
+    editable) or an upgraded package never gets features its old code computed. A learner may
+    instead declare ``cache_version`` (a string it changes with its encoding code).
+    """
+    cls = type(learner)
+    func = getattr(cls, method)
+    declared = getattr(cls, "cache_version", None)
+    return {"method": f"{func.__module__}.{func.__qualname__}", "package": __version__,
+            "code": f"declared:{declared}" if declared is not None else code_hash(cls)}
+
+
+def code_hash(cls: type) -> str:
+    """SHA-256 (16 hex digits) of the source files of the modules defining `cls` and its bases.
+
+    Whole module files, not just the classes, so module-level helpers count too; torch's and
+    the builtins' classes are skipped (their version is not in question). A class without a
+    source file (built in C, made at run time) counts by its qualified name.
+    """
+    h = hashlib.sha256()
+    seen: set[str] = set()
+    for klass in cls.__mro__:
+        module = sys.modules.get(klass.__module__)
+        if klass.__module__.split(".")[0] in ("torch", "builtins") or module is None or klass.__module__ in seen:
+            continue
+        seen.add(klass.__module__)
+        h.update(klass.__module__.encode())
+        try:
+            h.update(Path(inspect.getfile(module)).read_bytes())
+        except (TypeError, OSError):
+            h.update(klass.__qualname__.encode())
+    return h.hexdigest()[:16]
 
 
 def image_key(learner: Any, dataset: Any, split: str, precision: str) -> dict[str, Any]:
@@ -188,7 +232,7 @@ class FeatureCache:
 
     # --- files ----------------------------------------------------------------------------
     def _write(self, path: Path, tensors: dict[str, torch.Tensor], key: dict[str, Any], extra: dict[str, Any]) -> None:
-        meta = {"format": FORMAT, "key": key, **extra}
+        meta = {"format": FORMAT, "key": key, "checksums": {n: _checksum(t) for n, t in tensors.items()}, **extra}
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata={"promptbench_vlm": json.dumps(meta, sort_keys=True)})
 
@@ -206,4 +250,63 @@ class FeatureCache:
         if meta.get("format") != FORMAT or meta.get("key") != json.loads(json.dumps(key)):
             self.warn(f"feature cache entry {path} is stale (written under another key); rebuilding it")
             return None
+        sums = meta.get("checksums")
+        if not isinstance(sums, dict) or sums != {n: _checksum(t) for n, t in tensors.items()}:
+            self.warn(f"feature cache entry {path} is corrupt (its tensors do not match their checksums); rebuilding it")
+            return None
         return tensors, meta
+
+
+# --- `promptbench cache info|clear` --------------------------------------------------------
+_ENTRY_PATTERNS = {
+    "images": re.compile(r"images/[0-9a-f]{24}/\d{9}-\d{9}\.safetensors"),
+    "texts": re.compile(r"texts/[0-9a-f]{24}/[0-9a-f]{24}\.safetensors"),
+    "prompts": re.compile(r"prompts/[0-9a-f]{24}\.safetensors"),
+    "few-shot": re.compile(r"[0-9a-f]{16}_shot\d+_seed-?\d+\.json"),
+}
+_TEMPORARY = re.compile(r"((images|texts)/[0-9a-f]{24}/|prompts/)?\.[^/]+\.tmp")
+
+
+@dataclass
+class CacheContents:
+    """What a cache folder holds: this package's entries by kind, and anything else."""
+
+    root: Path
+    entries: dict[str, list[Path]] = field(default_factory=dict)
+    other: list[Path] = field(default_factory=list)
+
+    def size(self, kind: str) -> int:
+        return sum(p.stat().st_size for p in self.entries.get(kind, []))
+
+
+def cache_contents(root: Path, kinds: Sequence[str]) -> CacheContents:
+    """The entries of `kinds` (``images``, ``texts``, ``few-shot``) under `root`, told apart from
+    other files by their names (which only this package writes) and left-over temporary files."""
+    contents = CacheContents(Path(root), {kind: [] for kind in kinds})
+    if not contents.root.is_dir():
+        return contents
+    for path in sorted(p for p in contents.root.rglob("*") if p.is_file() or p.is_symlink()):
+        rel = path.relative_to(contents.root).as_posix()
+        kind = next((k for k in kinds if _ENTRY_PATTERNS[k].fullmatch(rel)), None)
+        if kind is not None and not path.is_symlink():
+            contents.entries[kind].append(path)
+        elif _TEMPORARY.fullmatch(rel):
+            contents.entries.setdefault("temporary", []).append(path)
+        else:
+            contents.other.append(path)
+    return contents
+
+
+def clear_cache(contents: CacheContents) -> int:
+    """Remove the entries of `contents` (never its other files) and the folders they leave empty;
+    return the number of files removed."""
+    removed = 0
+    for paths in contents.entries.values():
+        for path in paths:
+            path.unlink(missing_ok=True)
+            removed += 1
+    for folder in sorted({p.parent for paths in contents.entries.values() for p in paths}, reverse=True):
+        for empty in (folder, folder.parent):  # the key folder, then images/ or texts/
+            if empty != contents.root and empty.is_dir() and not any(empty.iterdir()):
+                empty.rmdir()
+    return removed

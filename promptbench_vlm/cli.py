@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import Enum
@@ -19,7 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .errors import UserError
+from .errors import InputWarning, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Measure how prompt wording moves CLIP-style prompt learners.")
 console = Console(stderr=True)
@@ -117,6 +118,7 @@ def evaluate(
     cache: Annotated[bool, typer.Option(help="Keep image and prompt features on disk and reuse them across runs.")] = True,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Feature cache folder (default: $PROMPTBENCH_CACHE or the user cache dir, /features).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run with the same options and --output: keep its finished subsets.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing result file (one promptbench wrote) at --output / --csv.")] = False,
     amp: Annotated[bool, typer.Option(help="Mixed precision on CUDA (never on CPU).")] = True,
 ) -> None:
     """Score a prompt learner over templates and text perturbations; print the table, write the JSON.
@@ -126,6 +128,7 @@ def evaluate(
     from . import distributed
     from .data import DatasetOptions
     from .evaluation import EvalRequest, run_evaluation
+    from .files import check_output_file
     from .options import split_pairs
     from .report import render
     from .results import write_csv
@@ -138,8 +141,11 @@ def evaluate(
         subset=subset, templates=templates, perturb=perturb, draws=draws, lexicon=str(lexicon) if lexicon else None,
         mask_token=mask_token, seed=seed, bootstrap=bootstrap, batch_size=batch_size, num_workers=num_workers,
         device=device, amp=amp, cache=cache, cache_dir=str(cache_dir) if cache_dir else None, output=output,
-        resume=resume, wordings=protocol_for(wordings, templates, held_out, wording_seed, out_of_family),
+        resume=resume, overwrite=overwrite,
+        wordings=protocol_for(wordings, templates, held_out, wording_seed, out_of_family),
     )
+    if csv and distributed.is_main():
+        check_output_file(csv, overwrite, flag="--csv")
     result = _interruptible(lambda progress: run_evaluation(request, progress=progress, note=_note))
     if not distributed.is_main():
         return
@@ -157,7 +163,7 @@ def evaluate(
 def train(
     ctx: typer.Context,
     method: Annotated[str, typer.Option(help="Training method (promptbench list methods).")] = "erm",
-    learner: Annotated[str, typer.Option(help="Learner to train (promptbench list learners).")] = "coop",
+    learner: Annotated[Optional[str], typer.Option(help="Learner to train (promptbench list learners); default coop, or with --init the checkpoint's (any other is refused).")] = None,
     model: Annotated[str, typer.Option(help="open_clip architecture name, model-config JSON path, or toy-clip.")] = "toy-clip",
     pretrained: Annotated[Optional[str], typer.Option(help="Pretrained tag or local weights file.")] = None,
     dataset: Annotated[list[str], typer.Option(help="Dataset spec; its train split is trained on, its test split evaluated. Repeatable: train on several side by side (maml-clip: one task source each), evaluate on the first.")] = ["toy-shapes"],
@@ -196,9 +202,11 @@ def train(
     from .options import split_pairs
     from .report import render
     from .train.loop import TrainConfig
-    from .train.run import TrainRequest, run_training
+    from .train.run import TrainRequest, checkpoint_learner, run_training
     from .wordings import protocol_for
 
+    if init is None and learner is None:
+        learner = "coop"
     learner_options, method_options = split_pairs(learner_opt, "--learner-opt"), split_pairs(method_opt, "--method-opt")
     preset_record = None
     if preset:
@@ -213,13 +221,15 @@ def train(
         warmup_epochs, shots, subset, model, pretrained = (
             merged[k] for k in ("warmup_epochs", "shots", "subset", "model", "pretrained"))
         learner_options, method_options = merged["learner_options"], merged["method_options"]
+    if init is not None:
+        learner = checkpoint_learner(init, learner)
     folder = output_path(output, method=method, learner=learner, dataset="+".join(dataset), seed=str(seed),
                          shots=str(shots))
     request = TrainRequest(
-        method=method, learner=learner if init is None else "", model=model, pretrained=pretrained,
+        method=method, learner=learner, model=model, pretrained=pretrained,
         dataset=dataset[0] if len(dataset) == 1 else dataset,
         shots=shots, subset=subset, output=str(folder), init=str(init) if init else None,
-        learner_options=learner_options if init is None else {}, method_options=method_options,
+        learner_options=learner_options, method_options=method_options,
         preset=preset_record,
         config=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, warmup_epochs=warmup_epochs,
                            accumulate=accumulate, seed=seed, amp=amp, num_workers=num_workers),
@@ -494,8 +504,60 @@ def usage_error_line(err: BaseException) -> str:
     return f"{command}: {message} (see {command} --help)"
 
 
+cache_app = typer.Typer(no_args_is_help=True, help="Inspect or clear the feature and few-shot caches.")
+app.add_typer(cache_app, name="cache")
+CacheDirOption = Annotated[Optional[Path], typer.Option(help="A feature cache folder (as evaluate --cache-dir); default: the user cache (features and few-shot draws).")]
+
+
+def _cache_contents(cache_dir: Optional[Path]):
+    from .cache import cache_contents
+    from .files import cache_root
+
+    if cache_dir is not None:
+        return [cache_contents(cache_dir, ("images", "texts", "prompts"))]
+    return [cache_contents(cache_root() / "features", ("images", "texts", "prompts")),
+            cache_contents(cache_root() / "fewshot", ("few-shot",))]
+
+
+@cache_app.command("info")
+def cache_info(cache_dir: CacheDirOption = None) -> None:
+    """Where the caches are, how many entries of each kind they hold and their size."""
+    out = Console()
+    for contents in _cache_contents(cache_dir):
+        out.print(f"{contents.root}{'' if contents.root.is_dir() else ' (absent)'}", highlight=False)
+        for kind, paths in contents.entries.items():
+            out.print(f"  {kind:<10} {len(paths):>7} file(s) {contents.size(kind) / 2**20:>10.1f} MiB", highlight=False)
+        if contents.other:
+            out.print(f"  {len(contents.other)} other file(s), not written by promptbench (clear leaves them), "
+                      f"e.g. {contents.other[0]}", highlight=False)
+
+
+@cache_app.command("clear")
+def cache_clear(cache_dir: CacheDirOption = None) -> None:
+    """Remove the cache entries (only files this package wrote there; anything else stays)."""
+    from .cache import clear_cache
+
+    for contents in _cache_contents(cache_dir):
+        removed = clear_cache(contents)
+        kept = f"; {len(contents.other)} other file(s) left alone" if contents.other else ""
+        _note(f"{contents.root}: removed {removed} cache file(s){kept}")
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Input warnings as one ``warning:`` line on stderr (rank 0 only); others as Python shows them."""
+    if not issubclass(category, InputWarning):
+        _python_showwarning(message, category, filename, lineno, file, line)
+    elif os.environ.get("RANK", "0") == "0":
+        _note(f"warning: {message}")
+
+
+_python_showwarning = warnings.showwarning
+
+
 def main() -> None:
     """Console-script entry: run the app, turning user and usage errors into one line and exit code 2."""
+    warnings.showwarning = _show_warning
+    warnings.simplefilter("always", InputWarning)
     try:
         code = app(standalone_mode=False, prog_name="promptbench")  # returns the code of a typer.Exit
     except UserError as err:

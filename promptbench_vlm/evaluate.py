@@ -60,6 +60,10 @@ class EvalSettings:
     lexicon: Lexicon | None = None
     amp: bool = True
 
+    def __post_init__(self) -> None:
+        if self.seed < 0:  # numpy's generators refuse it, after all the encoding
+            raise UserError(f"--seed must be 0 or more, got {self.seed}")
+
 
 @dataclass
 class PerturbationResult:

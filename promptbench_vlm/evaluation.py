@@ -28,11 +28,11 @@ from .backbone import precision
 from .data import SUBSETS, DatasetOptions, ImageDataset, load_dataset, select_subset
 from .errors import UserError
 from .evaluate import EvalSettings, Evaluator, ProgressFn, SubsetResult
-from .files import sha256_file
+from .files import check_output_file, sha256_file
 from .learners import is_checkpoint
 from .learners.base import PromptLearner
 from .perturb import Lexicon, PerturbSpec, load_lexicon, parse_perturbations
-from .results import backbone_fields, build_result, read_result, write_json
+from .results import backbone_fields, build_result, is_result_file, read_result, write_json
 from .templates import TemplateSet, load_templates
 from .wordings import (WordingProtocol, WordingSplit, evaluation_pools, split_wordings, subset_name, wording_fields,
                        wording_split)
@@ -53,6 +53,8 @@ class EvalRequest:
         output: Result path; fields ``{learner} {dataset} {split} {subset} {model} {seed} {time}``
             are filled in (write ``{{`` for a literal brace). None writes nothing.
         resume: Continue an interrupted run written to `output`, keeping its finished subsets.
+        overwrite: Replace an existing file at `output`; only a result file of this package is
+            replaced, any other file is refused (and an existing one without it too).
         command: The command line recorded in the result; None records ``sys.argv``.
         wordings: The wording protocol (``docs/wordings.md``): `templates` is split and each
             subset scored on the seen, held-out and out-of-family pools (``base@held-out``);
@@ -81,6 +83,7 @@ class EvalRequest:
     cache_dir: str | None = None
     output: str | None = DEFAULT_OUTPUT
     resume: bool = False
+    overwrite: bool = False
     command: list[str] | None = None
     wordings: WordingProtocol | None = None
 
@@ -177,6 +180,9 @@ def load_evaluated_learner(request: EvalRequest, note: Note | None = None) -> Pr
     from .learners import build_learner, check_learner_options, load_learner_checkpoint
 
     checkpoint = is_checkpoint(request.learner)
+    if checkpoint and request.learner_options:
+        raise UserError(f"--learner-opt cannot change a checkpoint's learner: {request.learner} brings its own "
+                        "options; drop --learner-opt")
     options = None if checkpoint else check_learner_options(request.learner, request.learner_options)
     backbone = load_backbone(request.model, request.pretrained, distributed.setup(request.device))
     if backbone.random_init and note:
@@ -264,6 +270,8 @@ def run_evaluation(request: EvalRequest, *, learner: PromptLearner | None = None
         KeyboardInterrupt: after the finished subsets were written (``"complete": false``).
     """
     main = distributed.is_main()
+    if request.resume and request.overwrite:
+        raise UserError("--resume continues the result file at --output and --overwrite replaces it: pass one of them")
 
     def say(message: str) -> None:
         if not main:
@@ -293,6 +301,9 @@ def run_evaluation(request: EvalRequest, *, learner: PromptLearner | None = None
             path = previous or path
             say(f"resuming {path}: {len(earlier)} finished subset(s) kept" if previous
                 else "--resume: no earlier result of this evaluation found; starting afresh")
+        else:  # before any encoding: never replace what this package did not write
+            target = path
+            distributed.main_only(lambda: check_output_file(target, request.overwrite, ours=is_result_file(target)))
     finished = _score_subsets(request, learner, inputs, run, path, earlier, progress, say, started_clock)
     run["wall_time_s"] = time.perf_counter() - started_clock
     doc = build_result(run, finished, earlier=earlier)

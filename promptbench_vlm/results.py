@@ -132,12 +132,19 @@ def read_result(path: str | Path) -> dict[str, Any]:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"result file not found: {path}") from None
+    except IsADirectoryError:
+        raise UserError(f"{path} is a folder, not a result file") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not a promptbench_vlm result file (not UTF-8 JSON text)") from None
     except (OSError, json.JSONDecodeError) as err:
         raise UserError(f"cannot read result file {path}: {err}") from None
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
         raise UserError(f"{path} is not a promptbench_vlm result file")
     version = doc.get("schema_version")
-    if version == 1 and isinstance(doc.get("run"), dict) and isinstance(doc.get("subsets"), dict):
+    if version == 1:
+        missing = _v1_missing(doc)
+        if missing:
+            raise UserError(f"{path} is an incomplete result file (schema version 1): it lacks {', '.join(missing[:4])}")
         for key in V1_MISSING_RUN_FIELDS:
             doc["run"].setdefault(key, None)
         return doc
@@ -148,6 +155,27 @@ def read_result(path: str | Path) -> dict[str, Any]:
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         raise UserError(f"{path} is not a valid result file (schema version {SCHEMA_VERSION}) {errors[0]}{more}")
     return doc
+
+
+def _v1_missing(doc: dict[str, Any]) -> list[str]:
+    """What a version-1 file (no JSON schema of its own) lacks that every reader needs."""
+    run, subsets = doc.get("run"), doc.get("subsets")
+    missing = [key for key, value in (("run", run), ("subsets", subsets)) if not isinstance(value, dict)]
+    missing += [f"run.{key}" for key in ("learner", "model", "dataset", "split", "templates")
+                if isinstance(run, dict) and key not in run]
+    missing += [f"subsets.{name}.{key}" for name, body in (subsets.items() if isinstance(subsets, dict) else ())
+                for key in ("metrics", "perturbations", "per_template_acc", "n_images", "n_skipped")
+                if not isinstance(body, dict) or key not in body]
+    return missing
+
+
+def is_result_file(path: str | Path) -> bool:
+    """True when `path` is a readable result file of this package (one `--overwrite` may replace)."""
+    try:
+        read_result(path)
+    except UserError:
+        return False
+    return True
 
 
 def result_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
+from .files import read_user_text
 from .names import unknown_name_error
 from .paths import data_dir
 
@@ -36,16 +37,17 @@ def list_template_sets() -> list[str]:
 def parse_template_file(path: Path) -> tuple[str, ...]:
     """Read templates from `path`; blank lines and lines starting with '#' are skipped.
 
+    The file is UTF-8; a byte-order mark (an editor's, or one left inside by concatenating files)
+    is dropped, and a file that is not UTF-8 is read as Latin-1 with a warning
+    (`files.read_user_text`).
+
     Raises:
         UserError: a line without exactly one ``{}``, an unreadable or empty file.
     """
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"cannot read template file {path}: {err}") from None
+    lines = read_user_text(path, "template file").splitlines()
     templates = []
     for lineno, line in enumerate(lines, start=1):
-        text = line.strip()
+        text = line.replace("\ufeff", "").strip()
         if not text or text.startswith("#"):
             continue
         if text.count("{}") != 1:

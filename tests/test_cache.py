@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 
 import pytest
 import torch
-from conftest import TINY_CONFIG, ColourDataset
+from conftest import COLOURS, TINY_CONFIG, ColourDataset, write_colour_folder
+from PIL import Image
 from test_cli import run_cli
 from test_evaluate import TEMPLATES, CountingLearner
 
 from promptbench_vlm import evaluate
-from promptbench_vlm.cache import CacheWarning, FeatureCache, image_key, text_key
+from promptbench_vlm.cache import CacheWarning, FeatureCache, code_hash, image_key, text_key
+from promptbench_vlm.data.folder import FolderDataset
 from promptbench_vlm.evaluate import EvalSettings, Evaluator
 from promptbench_vlm.learners import build_learner
 from promptbench_vlm.perturb import parse_perturbations
@@ -121,7 +125,7 @@ def test_cli_cache_dir_and_no_cache(monkeypatch, capsys, image_folder, tmp_path,
     cache_dir = tmp_path / "features"
     for expected in ({"images_encoded": 12, "images_cached": 0}, {"images_encoded": 0, "images_cached": 12}):
         code, _, err = run_cli(monkeypatch, capsys, *base, "--cache-dir", str(cache_dir), "--output",
-                               str(tmp_path / "r.json"))
+                               str(tmp_path / "r.json"), "--overwrite")
         assert code == 0, err
         counts = read_result(tmp_path / "r.json")["subsets"]["all"]["counts"]
         assert {k: counts[k] for k in expected} == expected
@@ -134,3 +138,103 @@ def test_cli_cache_dir_and_no_cache(monkeypatch, capsys, image_folder, tmp_path,
     code, _, err = run_cli(monkeypatch, capsys, *base, "--output", str(tmp_path / "d.json"))
     assert code == 0 and (private_cache / "features" / "images").is_dir()  # the default: the user cache dir
     assert json.loads((tmp_path / "d.json").read_text())["subsets"]["all"]["counts"]["images_cached"] == 0
+
+
+def _evaluate_in(folder, monkeypatch, capsys, *extra):
+    """`promptbench evaluate --dataset folder:data` run from `folder`; the result document."""
+    monkeypatch.chdir(folder)
+    code, _, err = run_cli(monkeypatch, capsys, "evaluate", "--model", str(TINY_CONFIG), "--dataset", "folder:data",
+                           "--templates", "single", "--perturb", "none", "--bootstrap", "0", "--output", "r.json",
+                           "--overwrite", *extra)
+    assert code == 0, err
+    return read_result(folder / "r.json")["subsets"]["all"]
+
+
+def test_same_spec_in_two_projects_never_shares_features(monkeypatch, capsys, tmp_path):
+    """Project B's images are project A's with the colours moved to other classes: same class and
+    file names, same `folder:data` spec, other pixels. Each gets its own features."""
+    write_colour_folder(tmp_path / "a" / "data", per_class=2, class_stride=10)
+    write_colour_folder(tmp_path / "b" / "data", per_class=2, class_stride=10)
+    names = list(COLOURS)
+    for i, name in enumerate(names):  # b/data/<class> holds the images of the next class in a/data
+        for image in (tmp_path / "a" / "data" / names[(i + 1) % len(names)]).iterdir():
+            (tmp_path / "b" / "data" / name / image.name).write_bytes(image.read_bytes())
+    a = _evaluate_in(tmp_path / "a", monkeypatch, capsys)
+    b = _evaluate_in(tmp_path / "b", monkeypatch, capsys)
+    assert b["counts"]["images_encoded"] == 8  # nothing taken from A's entries
+    fresh = _evaluate_in(tmp_path / "b", monkeypatch, capsys, "--no-cache")
+    assert b["per_image"] == fresh["per_image"] and b["metrics"] == fresh["metrics"]
+    assert a["per_image"] != b["per_image"]
+    again = _evaluate_in(tmp_path / "a", monkeypatch, capsys)
+    assert again["counts"]["images_cached"] == 8 and again["metrics"] == a["metrics"]
+
+
+def test_an_image_edited_in_place_gets_new_features(tiny_backbone, image_folder, tmp_path):
+    dataset = FolderDataset(image_folder)
+    before = dataset.fingerprint()
+    path = dataset.paths[0]
+    Image.new("RGB", (32, 32), (0, 0, 0)).save(path)
+    os.utime(path, ns=(1, 1))  # even with an old time stamp: the size or the time differs
+    assert FolderDataset(image_folder).fingerprint() != before
+
+
+def test_flipped_bytes_inside_a_cached_tensor_are_detected_and_rebuilt(tiny_backbone, tmp_path):
+    learner = build_learner("zeroshot", tiny_backbone)
+    reference = Evaluator(learner, SETTINGS, cache=FeatureCache(tmp_path)).run(ColourDataset())
+    (chunk,) = (tmp_path / "images").rglob("*.safetensors")
+    raw = bytearray(chunk.read_bytes())
+    middle = len(raw) - 200  # inside the feature tensor, far from the JSON header
+    raw[middle:middle + 16] = bytes(b ^ 0xFF for b in raw[middle:middle + 16])
+    chunk.write_bytes(bytes(raw))
+    counter = CountingLearner(learner)
+    with pytest.warns(CacheWarning, match="checksums"):
+        rebuilt = Evaluator(learner, SETTINGS, cache=FeatureCache(tmp_path)).run(ColourDataset())
+    assert counter.images == len(ColourDataset())
+    results_equal(reference, rebuilt)
+
+
+PLUGIN = '''
+from promptbench_vlm.learners.zeroshot import ZeroShotLearner
+
+
+class Plugged(ZeroShotLearner):
+    name = "plugged"
+
+    def encode_texts(self, texts, image_features=None):
+        return {body}
+'''
+
+
+def test_editing_a_plugin_encoder_invalidates_its_entries(tiny_backbone, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = tmp_path / "plugged_learner.py"
+    module.write_text(PLUGIN.format(body="super().encode_texts(texts, image_features)"))
+    import importlib
+
+    plugged = importlib.import_module("plugged_learner")
+    keys = [text_key(plugged.Plugged(tiny_backbone), "cpu-float32")]
+    keys.append(text_key(plugged.Plugged(tiny_backbone), "cpu-float32"))
+    module.write_text(PLUGIN.format(body="-super().encode_texts(texts, image_features)"))
+    plugged = importlib.reload(plugged)
+    keys.append(text_key(plugged.Plugged(tiny_backbone), "cpu-float32"))
+    assert keys[0] == keys[1] != keys[2]
+    assert image_key(plugged.Plugged(tiny_backbone), ColourDataset(), "test", "cpu-float32")["encoder"]["code"] == \
+        code_hash(plugged.Plugged)
+    plugged.Plugged.cache_version = "2"  # a declared version replaces the source hash
+    assert text_key(plugged.Plugged(tiny_backbone), "cpu-float32")["encoder"]["code"] == "declared:2"
+
+
+def test_cache_info_and_clear_touch_only_our_entries(monkeypatch, capsys, tiny_backbone, private_cache):
+    root = private_cache / "features"
+    Evaluator(build_learner("zeroshot", tiny_backbone), SETTINGS, cache=FeatureCache(root)).run(ColourDataset())
+    (root / "images" / "notes.txt").write_text("mine")
+    (private_cache / "fewshot").mkdir()
+    (private_cache / "fewshot" / "0123456789abcdef_shot4_seed1.json").write_text("{}")
+    (private_cache / "fewshot" / "keep.json").write_text("{}")
+    code, out, err = run_cli(monkeypatch, capsys, "cache", "info")
+    assert code == 0, err
+    assert re.search(r"images\s+1 file", out) and re.search(r"few-shot\s+1 file", out) and "1 other file" in out
+    code, _, err = run_cli(monkeypatch, capsys, "cache", "clear")
+    assert code == 0 and "left alone" in err, err
+    left = sorted(p.relative_to(private_cache).as_posix() for p in private_cache.rglob("*") if p.is_file())
+    assert left == ["features/images/notes.txt", "fewshot/keep.json"]

@@ -6,6 +6,7 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -225,3 +226,24 @@ def test_hf_hub_offline_is_one_line_user_error(monkeypatch):
     message = str(info.value)
     assert "\n" not in message
     assert "no-such-org/no-such-dataset" in message and "hf-disk:PATH" in message
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
+    """PIL's convert("RGB") clips 16-bit grey at 255: a mid-grey image came out white."""
+    from promptbench_vlm.data.images import open_rgb
+
+    ramp = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    pixels = np.asarray(open_rgb(tmp_path / "deep.png"), dtype=np.float64)
+    assert pixels.shape == (64, 64, 3)
+    assert abs(pixels.mean() - (ramp / 257).mean()) < 0.5 and pixels.min() == 0 and pixels.max() == 255
+
+
+def test_flat_folder_says_it_serves_every_split(image_folder, tmp_path):
+    from promptbench_vlm.data import DatasetOptions, load_dataset
+
+    assert load_dataset(f"folder:{image_folder}", DatasetOptions(split="train"), "base").split_ignored
+    split = tmp_path / "split"
+    (split / "train").mkdir(parents=True)
+    image_folder.rename(split / "test")
+    assert not load_dataset(f"folder:{split}", DatasetOptions(split="test"), "base").split_ignored

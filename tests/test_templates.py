@@ -54,3 +54,19 @@ def test_missing_file_and_empty_file(tmp_path):
     (tmp_path / "empty.txt").write_text("\n# only a comment\n")
     with pytest.raises(UserError, match="no templates"):
         load_templates(str(tmp_path / "empty.txt"))
+
+
+def test_bom_is_dropped_also_before_a_comment_and_latin1_is_read_with_a_warning(tmp_path):
+    import warnings
+
+    from promptbench_vlm.errors import InputWarning
+
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes("\ufeff# comment\n\ufeffa photo of a {}.\n".encode())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # UTF-8 with a BOM is not worth a warning
+        assert load_templates(str(bom)).templates == ("a photo of a {}.",)
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("une photo d'un {}, café.\n".encode("latin-1"))
+    with pytest.warns(InputWarning, match="not UTF-8.*line 1"):
+        assert load_templates(str(latin)).templates == ("une photo d'un {}, café.",)

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from conftest import TINY_CONFIG, write_train_test_folders
 
-from promptbench_vlm.errors import UserError
+from promptbench_vlm.errors import InputWarning, UserError
+from promptbench_vlm.files import LOCK, RUN_MARKER
 from promptbench_vlm.learners import build_learner
 from promptbench_vlm.train.fewshot import few_shot, sample_indices
 from promptbench_vlm.train.loop import TrainConfig, lr_at
@@ -51,13 +52,23 @@ def test_few_shot_per_class_seeded_and_cached(tmp_path):
     assert json.loads(cached.read_text())["indices"] == subset.indices and len(subset) == 8
     assert few_shot(data, 2, seed=5, cache_dir=tmp_path).indices == subset.indices
     cached.write_text("{broken")
-    assert few_shot(data, 2, seed=5, cache_dir=tmp_path).indices == subset.indices
+    with pytest.warns(InputWarning, match="cannot be read"):
+        assert few_shot(data, 2, seed=5, cache_dir=tmp_path).indices == subset.indices
+
+    entry = json.loads(cached.read_text())
+    edited = {**entry, "indices": [i + 1 if i % 6 == 0 else i for i in entry["indices"]]}  # same classes, other images
+    for bad, problem in ((edited, "checksum"), ({"indices": 5}, "not written for this dataset"),
+                         ({**entry, "fingerprint": "0" * 16}, "not written for this dataset")):
+        cached.write_text(json.dumps(bad))
+        with pytest.warns(InputWarning, match=problem):
+            assert few_shot(data, 2, seed=5, cache_dir=tmp_path).indices == subset.indices
+        assert json.loads(cached.read_text()) == entry  # redrawn and rewritten
 
 
 def test_erm_run_writes_everything_and_is_bitwise_reproducible(split_folder, tmp_path):
     doc = run_training(request(split_folder, tmp_path / "a"), {})
     files = {p.name for p in (tmp_path / "a").iterdir()}
-    assert files == {"learner.safetensors", "log.jsonl", "train.json", "result.json"}
+    assert files == {"learner.safetensors", "log.jsonl", "train.json", "result.json", RUN_MARKER, LOCK}
     log = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     assert len(log) == doc["run"]["training"]["steps"] == 4  # 2 base classes x 4 shots / batch 4, 2 epochs
     assert {"loss", "lr", "images_per_s", "acc"} <= set(log[0])

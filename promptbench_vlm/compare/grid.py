@@ -18,8 +18,9 @@ from typing import Any
 
 from ..errors import UserError
 from ..evaluate import ProgressFn
+from ..files import FolderBusy, check_run_folder, claim_folder, mark_run_folder, reading_folder, release_folder
 from ..results import read_result, write_json
-from ..train.run import RESULT
+from ..train.run import RESULT, RUN_FILES
 from .stats import Group
 from .sweep import ZEROSHOT, RunSpec, Sweep, plan
 
@@ -67,7 +68,8 @@ def evaluate_zeroshot(sweep: Sweep, spec: RunSpec, folder: Path, progress: Progr
     request = EvalRequest(model=sweep.model, pretrained=sweep.pretrained, learner=ZEROSHOT, dataset=spec.dataset,
                           dataset_options=DatasetOptions(split="test"), subset="base-new", templates=sweep.templates,
                           perturb=sweep.perturb, seed=spec.seed, bootstrap=sweep.bootstrap, device=sweep.device,
-                          cache=False, output=literal(folder / RESULT), wordings=sweep.wording_protocol())
+                          cache=False, output=literal(folder / RESULT), overwrite=True,  # the claimed cell's own file
+                          wordings=sweep.wording_protocol())
     return run_evaluation(request, progress=progress, note=note).doc
 
 
@@ -125,23 +127,36 @@ def recorded_differences(sweep: Sweep, spec: RunSpec, folder: Path) -> list[str]
 
 
 def run_cell(sweep: Sweep, spec: RunSpec, progress: ProgressFn | None = None,
-             note: Callable[[str], None] | None = None) -> RunRecord:
+             note: Callable[[str], None] | None = None, wait: bool = True, reuse_finished: bool = False
+             ) -> RunRecord:
     """Run one cell into its folder and record what happened; an error becomes a ``failed`` record.
 
+    The cell's folder is claimed while it runs (`files.claim_folder`), so two processes never
+    write one run folder at once. With `reuse_finished`, a result another process finished while
+    this one waited is reused (``existing``), never rerun or removed.
+
     Raises:
+        FolderBusy: another process holds the cell and `wait` is off.
         KeyboardInterrupt: as is, for the caller to record.
     """
     folder = run_folder(sweep, spec)
     record = RunRecord(spec.method, spec.learner, spec.dataset, spec.seed, str(folder), "done")
     started = time.perf_counter()
     try:
-        run = evaluate_zeroshot if spec.method == ZEROSHOT else train_run
-        run(sweep, spec, folder, progress, note)
-    except KeyboardInterrupt:
+        check_run_folder(folder, RUN_FILES, replace=True, legacy=(RESULT,))
+        claim_folder(folder, wait=wait)
+        if reuse_finished and finished(folder):
+            record.status = "existing"  # finished by another sweep on this folder
+        else:
+            run = evaluate_zeroshot if spec.method == ZEROSHOT else train_run
+            run(sweep, spec, folder, progress, note)
+    except (KeyboardInterrupt, FolderBusy):
         raise
     except Exception as err:  # one broken cell must not cost the rest of the grid
         record.status = "failed"
         record.error = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+    finally:
+        release_folder(folder)
     record.wall_time_s = time.perf_counter() - started
     return record
 
@@ -189,6 +204,10 @@ def run_grid(sweep: Sweep, skip_existing: bool = False, overwrite: bool = False,
              shard: tuple[int, int] | None = None, jobs: int = 1) -> tuple[list[RunRecord], list[str]]:
     """Run the cells of the grid (or of one shard); return the records, in plan order, and the pairs left out.
 
+    Each cell's folder is claimed while it runs; in a serial run a cell another process (a second
+    sweep on the same folder) is running is put off until the free ones are done, then waited for
+    and reused.
+
     Args:
         sweep: The grid.
         skip_existing: Reuse runs whose folder holds a finished result recorded with the sweep's
@@ -211,6 +230,8 @@ def run_grid(sweep: Sweep, skip_existing: bool = False, overwrite: bool = False,
     specs, left_out = plan(sweep)
     if shard is not None:
         specs = shard_cells(specs, *shard)
+    check_run_folder(Path(sweep.output), (), replace=False, legacy=(SUMMARY,))
+    mark_run_folder(Path(sweep.output))  # concurrent sweeps may share it: each cell is claimed in turn
     done_before = [s for s in specs if finished(run_folder(sweep, s))]
     if done_before and not (skip_existing or overwrite):
         raise UserError(f"{len(done_before)} run(s) already finished under {sweep.output} (e.g. "
@@ -232,9 +253,16 @@ def run_grid(sweep: Sweep, skip_existing: bool = False, overwrite: bool = False,
     try:
         if jobs > 1:
             run_pool(sweep, to_run, jobs, finish)
-        else:
+        else:  # a cell another sweep on this folder is running is put off, then waited for
+            busy = []
             for spec in to_run:
-                finish(spec, run_cell(sweep, spec, progress, note))
+                try:
+                    finish(spec, run_cell(sweep, spec, progress, note, wait=False,
+                                          reuse_finished=spec not in done_before))
+                except FolderBusy:
+                    busy.append(spec)
+            for spec in busy:
+                finish(spec, run_cell(sweep, spec, progress, note, reuse_finished=spec not in done_before))
     except KeyboardInterrupt:
         for spec in to_run:
             if spec not in by_spec:
@@ -271,5 +299,6 @@ def load_groups(records: list[RunRecord]) -> list[Group]:
             continue
         key = (r.method, r.learner, r.dataset)
         group = groups.setdefault(key, Group(*key))
-        group.docs[r.seed] = read_result(Path(r.folder) / RESULT)
+        with reading_folder(Path(r.folder)):  # never while another sweep rewrites it
+            group.docs[r.seed] = read_result(Path(r.folder) / RESULT)
     return list(groups.values())

@@ -6,6 +6,7 @@ method of a sweep fails in a second, not after an hour of training.
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -17,6 +18,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 from ..errors import UserError
+from ..files import read_user_text
 from ..names import unknown_name_error
 
 ZEROSHOT = "zeroshot"
@@ -120,13 +122,13 @@ def read_sweep_file(path: str | Path) -> dict[str, Any]:
     """The raw tables of a sweep TOML file.
 
     Raises:
-        UserError: missing file or invalid TOML (with the parser's line and column).
+        UserError: missing file, a folder, or invalid TOML (with the parser's line and column).
     """
+    if not Path(path).exists():
+        raise UserError(f"sweep file not found: {path}")
+    text = read_user_text(path, "sweep file")  # a folder or unreadable file: one line; Latin-1: a warning
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except FileNotFoundError:
-        raise UserError(f"sweep file not found: {path}") from None
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise UserError(f"sweep file {path} is not valid TOML: {err}") from None
 
@@ -214,6 +216,15 @@ def build_sweep(values: dict[str, Any]) -> Sweep:
     if sweep.epochs < 1 or sweep.shots < 0 or sweep.bootstrap < 0 or sweep.batch_size < 1:
         raise UserError("sweep: epochs and batch_size must be >= 1, shots and bootstrap >= 0")
     sweep.wording_protocol()  # an unknown wordings mode fails here
+    if negative := [s for s in sweep.seeds if s < 0]:
+        raise UserError(f"sweep: seeds must be 0 or more, got {negative[0]}")
+    for where, lr in [("lr", sweep.lr), *((f"method.{m}.lr", t.lr) for m, t in sweep.method.items())]:
+        if lr is not None and not (math.isfinite(lr) and lr > 0):
+            raise UserError(f"sweep: {where} must be a positive number, got {lr}")
+    if sweep.reference:
+        cells = {name for spec in plan(sweep)[0] for name in (spec.method, f"{spec.method}/{spec.learner}")}
+        if sweep.reference not in cells:
+            raise unknown_name_error("--reference (METHOD or METHOD/LEARNER of the grid)", sweep.reference, cells)
     return sweep
 
 

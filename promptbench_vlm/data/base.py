@@ -11,6 +11,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from PIL import Image
 
@@ -31,6 +32,8 @@ class ImageDataset(ABC):
     name: str
     classnames: list[str]
     labels: list[int]
+    split_ignored: bool = False
+    """True for a source that serves every split from the same images (a flat image folder)."""
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -43,14 +46,38 @@ class ImageDataset(ABC):
     def describe(self, index: int) -> str:
         """A short human-readable locator for image `index` (a path, a row number)."""
 
+    def identity(self, index: int) -> str:
+        """What tells image `index` apart from any other image anywhere: by default its locator.
+        File-backed sources give the resolved absolute path, size and modification time."""
+        return self.describe(index)
+
     def fingerprint(self) -> str:
-        """A stable hash of what the dataset holds (names, classes, labels, image locators)."""
-        h = hashlib.sha256()
-        h.update(self.name.encode())
-        h.update("\x00".join(self.classnames).encode())
-        for i, label in enumerate(self.labels):
-            h.update(f"{label}:{self.describe(i)}\n".encode())
-        return h.hexdigest()[:16]
+        """A stable hash of what the dataset holds (names, classes, labels, image identities).
+
+        Two datasets share a fingerprint, and so feature-cache and few-shot entries, only when
+        they hold the same images: the same spec string typed in two projects does not suffice.
+        Computed once per dataset object.
+        """
+        cached = self.__dict__.get("_fingerprint")
+        if cached is None:
+            h = hashlib.sha256()
+            h.update(self.name.encode())
+            h.update("\x00".join(self.classnames).encode())
+            for i, label in enumerate(self.labels):
+                h.update(f"{label}:{self.identity(i)}\n".encode())
+            cached = self.__dict__["_fingerprint"] = h.hexdigest()[:16]
+        return cached
+
+
+def file_identity(path: Path) -> str:
+    """A file's resolved absolute path, size and modification time (``missing`` if absent): a
+    file replaced, edited or moved gets another identity."""
+    resolved = path.resolve()
+    try:
+        stat = resolved.stat()
+    except OSError:
+        return f"{resolved}:missing"
+    return f"{resolved}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
 class SubsetDataset(ImageDataset):
@@ -63,12 +90,16 @@ class SubsetDataset(ImageDataset):
         self.name = f"{parent.name}[{tag}]"
         self.classnames = [parent.classnames[c] for c in class_ids]
         self.labels = [remap[parent.labels[i]] for i in self.indices]
+        self.split_ignored = parent.split_ignored
 
     def load(self, index: int) -> Image.Image:
         return self.parent.load(self.indices[index])
 
     def describe(self, index: int) -> str:
         return self.parent.describe(self.indices[index])
+
+    def identity(self, index: int) -> str:
+        return self.parent.identity(self.indices[index])
 
 
 SUBSETS = ("all", "base", "new")

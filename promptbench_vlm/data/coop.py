@@ -19,9 +19,10 @@ from pathlib import Path
 from PIL import Image
 
 from ..errors import UserError
+from ..files import read_user_text
 from ..names import unknown_name_error
 from . import DatasetOptions, DatasetSource
-from .base import ImageDataset
+from .base import ImageDataset, file_identity
 from .images import open_rgb
 
 SPLITS = ("train", "val", "test")
@@ -65,6 +66,9 @@ class CoopDataset(ImageDataset):
     def describe(self, index: int) -> str:
         return str(self.paths[index])
 
+    def identity(self, index: int) -> str:
+        return file_identity(self.paths[index])
+
 
 def load_coop(name: str, root: str | Path, split: str) -> ImageDataset:
     """Read split `split` ("train", "val" or "test") of CoOp dataset `name` under `root`.
@@ -103,7 +107,7 @@ def _load_split_file(spec: str, root: Path, layout: _SplitFileLayout, split: str
     split_path = _require(root / layout.folder / layout.split_file, "split file")
     image_dir = _require(root / layout.image_dir, "image folder")
     try:
-        splits = json.loads(split_path.read_text(encoding="utf-8"))
+        splits = json.loads(read_user_text(split_path, "split file"))
         entries = {s: [(str(p), int(y), str(c)) for p, y, c in splits[s]] for s in SPLITS}
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"split file '{split_path}' is not valid JSON: {err}") from err
@@ -128,13 +132,13 @@ def _load_split_file(spec: str, root: Path, layout: _SplitFileLayout, split: str
 
 def _load_aircraft(spec: str, folder: Path, split: str) -> CoopDataset:
     """fgvc_aircraft: variants.txt (label = line index) + ``images_variant_<split>.txt``."""
-    variants = _require(folder / "variants.txt", "class list").read_text(encoding="utf-8").splitlines()
+    variants = read_user_text(_require(folder / "variants.txt", "class list"), "class list").splitlines()
     classnames = [line.strip() for line in variants if line.strip()]
     label_of = {c: i for i, c in enumerate(classnames)}
     list_path = _require(folder / f"images_variant_{split}.txt", "split file")
     image_dir = _require(folder / "images", "image folder")
     paths, labels = [], []
-    for n, line in enumerate(list_path.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(read_user_text(list_path, "split file").splitlines(), start=1):
         image_id, _, classname = line.strip().partition(" ")
         if not image_id:
             continue
@@ -153,7 +157,7 @@ def _load_imagenet(spec: str, folder: Path, split: str) -> CoopDataset:
             "(use --split test, or --split train)"
         )
     names = {}
-    for line in _require(folder / "classnames.txt", "class list").read_text(encoding="utf-8").splitlines():
+    for line in read_user_text(_require(folder / "classnames.txt", "class list"), "class list").splitlines():
         wnid, _, classname = line.strip().partition(" ")
         if wnid:
             names[wnid] = classname.strip()

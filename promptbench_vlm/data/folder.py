@@ -19,7 +19,7 @@ from PIL import Image
 
 from ..errors import UserError
 from . import DatasetOptions, DatasetSource
-from .base import ImageDataset
+from .base import ImageDataset, file_identity
 from .images import open_rgb
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
@@ -37,6 +37,7 @@ class FolderDataset(ImageDataset):
     def __init__(self, root: str | Path, split: str = "test"):
         self.name = f"folder:{root}"
         class_root = _class_root(Path(root).expanduser(), split)
+        self.split_ignored = class_root == Path(root).expanduser()
         class_dirs = sorted(_visible_dirs(class_root), key=lambda d: d.name)
         if not class_dirs:
             raise UserError(f"image folder '{class_root}' has no class sub-folders")
@@ -57,6 +58,9 @@ class FolderDataset(ImageDataset):
 
     def describe(self, index: int) -> str:
         return str(self.paths[index])
+
+    def identity(self, index: int) -> str:
+        return file_identity(self.paths[index])
 
 
 def _visible_dirs(folder: Path) -> list[Path]:

@@ -9,13 +9,14 @@ image raises `CorruptImageError` for that row instead of failing inside `dataset
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
 from ..errors import UserError
 from . import DatasetSource
-from .base import CorruptImageError, ImageDataset
+from .base import CorruptImageError, ImageDataset, file_identity
 from .images import open_rgb
 
 if TYPE_CHECKING:
@@ -117,6 +118,7 @@ class HFDataset(ImageDataset):
             raise UserError(f"{name}: image column '{image_column}' holds {feature}, not images, paths or bytes")
         self._images = images
         self._column = image_column
+        self._path_column = isinstance(feature, datasets.Value) and "string" in feature.dtype
 
     def load(self, index: int) -> Image.Image:
         value = self._images[index][self._column]
@@ -129,6 +131,15 @@ class HFDataset(ImageDataset):
 
     def describe(self, index: int) -> str:
         return f"row {index}"
+
+    def identity(self, index: int) -> str:
+        """The table's content fingerprint (`datasets` hashes the data it loads) and the row; for a
+        column of file paths, the file's identity too (the table holds only the path)."""
+        where = f"{getattr(self._images, '_fingerprint', self.name)}/row {index}"
+        if not self._path_column:
+            return where
+        value = self._images[index][self._column]
+        return f"{where}/{file_identity(Path(value))}" if isinstance(value, str) else where
 
 
 def _classes(table: datasets.Dataset, column: str, name: str) -> tuple[list[str], list[int]]:

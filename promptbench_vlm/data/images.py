@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from .base import CorruptImageError
@@ -18,6 +19,28 @@ from .base import CorruptImageError
 # (OSError), truncated data (OSError), malformed chunks (SyntaxError, ValueError,
 # EOFError) and absurd sizes (DecompressionBombError).
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
+_WIDE_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
+"""Single-channel modes wider than 8 bits: PIL's ``convert("RGB")`` clips them at 255 (a 16-bit
+PNG turns almost white), so they are scaled here instead."""
+
+
+def _wide_to_rgb(img: Image.Image) -> Image.Image:
+    """Scale a 16-bit (or 32-bit integer / float) grey image to 8 bits, then to RGB.
+
+    16-bit modes are divided by 257 (65535 -> 255). PIL reads 16-bit files as mode ``I`` too, so
+    an ``I`` image is taken as 16-bit when a value exceeds 255 and as 8-bit otherwise; a float
+    image in [0, 1] is scaled by 255, one beyond it is clipped at 255.
+    """
+    pixels = np.asarray(img, dtype=np.float64)
+    top = float(pixels.max()) if pixels.size else 0.0
+    if img.mode.startswith("I;16") or (img.mode == "I" and top > 255):
+        pixels = pixels / 257.0
+    elif img.mode == "F" and top <= 1.0:
+        pixels = pixels * 255.0
+    grey = np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey, "L").convert("RGB")
 
 
 def open_rgb(source: str | Path | bytes, locator: str | None = None) -> Image.Image:
@@ -36,6 +59,8 @@ def open_rgb(source: str | Path | bytes, locator: str | None = None) -> Image.Im
             img.load()
             if img.mode == "P" and "transparency" in img.info:
                 img = img.convert("RGBA")  # avoids PIL's palette-transparency warning
+            if img.mode in _WIDE_MODES:
+                return _wide_to_rgb(img)
             return img.convert("RGB")
     except _DECODE_ERRORS as err:
         raise CorruptImageError(f"{where}: cannot decode image ({type(err).__name__}: {err})") from err

@@ -6,6 +6,7 @@ plug-in uses, so `promptbench list learners` shows both the same way.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,15 @@ LEARNERS: Registry[type[PromptLearner]] = Registry("promptbench_vlm.learners", "
 
 
 def is_checkpoint(spec: str) -> bool:
-    """True when a --learner value names a checkpoint file rather than a registered learner."""
-    return spec.endswith(".safetensors") or Path(spec).is_file()
+    """True when a --learner value names a checkpoint file rather than a registered learner.
+
+    A registered name wins over a file of that name in the working directory unless the value
+    looks like a path (``./zeroshot``, ``runs/x/learner.safetensors``): a stray file called
+    ``zeroshot`` must not turn the zero-shot learner into a checkpoint.
+    """
+    if spec.endswith(".safetensors") or "/" in spec or os.sep in spec:
+        return True
+    return spec not in LEARNERS.names() and Path(spec).is_file()
 
 
 def learner_class(name: str) -> type[PromptLearner]:

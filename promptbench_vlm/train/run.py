@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -23,10 +22,10 @@ from typing import Any
 from .. import distributed
 from ..backbone import load_backbone
 from ..data import DatasetOptions, load_dataset
-from ..errors import UserError
+from ..errors import InputWarning, UserError
 from ..evaluate import ProgressFn
 from ..evaluation import EvalRequest, literal, load_inputs, run_evaluation
-from ..files import atomic_path
+from ..files import atomic_path, check_run_folder, claim_folder, release_folder, remove_run_files
 from ..learners import build_learner, check_learner_options, load_learner_checkpoint
 from ..results import read_result
 from ..wordings import WordingProtocol, seen_pool_options, write_seen_pool
@@ -38,6 +37,8 @@ from .train_state import STATE, load_state
 
 CHECKPOINT, LOG, SETTINGS, RESULT = "learner.safetensors", "log.jsonl", "train.json", "result.json"
 SEEN_WORDINGS = "seen-wordings.txt"
+RUN_FILES = (CHECKPOINT, LOG, SETTINGS, RESULT, STATE, SEEN_WORDINGS)
+"""Everything a run writes into its folder: the only files ``--overwrite`` ever removes."""
 VOLATILE_REQUEST_FIELDS = ("resume", "overwrite")
 """Request fields that may differ between an interrupted run and its resumption."""
 
@@ -76,6 +77,13 @@ def check_request(request: TrainRequest) -> None:
     config = request.config
     if config.epochs < 1 or config.batch_size < 1 or config.accumulate < 1:
         raise UserError("--epochs, --batch-size and --accumulate must be at least 1")
+    if config.lr is not None and not (math.isfinite(config.lr) and config.lr > 0):
+        raise UserError(f"--lr must be a positive number, got {config.lr}")
+    if config.seed < 0:
+        raise UserError(f"--seed must be 0 or more, got {config.seed}")
+    if request.init and request.learner_options:
+        raise UserError(f"--learner-opt cannot change a checkpoint's learner: --init {request.init} brings its own "
+                        "options; drop --learner-opt")
     request.method_options = check_method_options(request.method, request.method_options)
     if request.learner and not request.init:
         request.learner_options = check_learner_options(request.learner, request.learner_options)
@@ -84,15 +92,23 @@ def check_request(request: TrainRequest) -> None:
 
 
 def prepare_output(folder: Path, request: TrainRequest) -> str:
-    """Ready the run folder and say what to do with it.
+    """Claim the run folder for this process and say what to do with it.
+
+    A folder is used only when it is new, empty, or one this package wrote; ``--overwrite``
+    removes only the files a run writes (`RUN_FILES`), and refuses a folder that also holds
+    anything else, the working directory and its parents. The claim (`files.claim_folder`) keeps
+    a second process from writing the same folder at the same time.
 
     Returns:
         "fresh" (start clean), "resume" (continue after the last finished epoch) or "complete"
         (``--resume`` on a finished run of the same request: nothing to do).
 
     Raises:
-        UserError: a finished run without ``--overwrite``, or ``--resume`` on another run's folder.
+        UserError: a finished run without ``--overwrite``, ``--resume`` on another run's folder,
+            a folder holding files this package did not write, or one claimed by another process.
     """
+    check_run_folder(folder, RUN_FILES, replace=request.overwrite, legacy=(SETTINGS, RESULT))
+    claim_folder(folder, wait=False)
     if request.resume and (folder / SETTINGS).exists():
         check_same_run(folder / SETTINGS, request)
         if (folder / RESULT).exists():
@@ -101,12 +117,24 @@ def prepare_output(folder: Path, request: TrainRequest) -> str:
             return "resume"
     if (folder / RESULT).exists() and not request.overwrite:
         raise UserError(f"{folder} holds a finished run ({RESULT}); pass --overwrite to replace it")
-    if folder.exists() and request.overwrite:
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in (LOG, STATE):  # another run's leftovers
-        (folder / name).unlink(missing_ok=True)
+    remove_run_files(folder, RUN_FILES if request.overwrite else (LOG, STATE))  # else: another run's leftovers
     return "fresh"
+
+
+def checkpoint_learner(init: str | Path, requested: str | None = None) -> str:
+    """The learner a ``--init`` checkpoint holds; a `requested` learner must be that one.
+
+    Raises:
+        UserError: an unreadable checkpoint, or `requested` names another learner (training the
+            checkpoint's learner into a run named after another would mislabel the run).
+    """
+    from ..learners.base import read_checkpoint
+
+    name = read_checkpoint(init)[1].get("learner", "")
+    if requested and requested != name:
+        raise UserError(f"--init {init} holds a '{name}' learner, not '{requested}': drop --learner, or pass "
+                        f"--learner {name}")
+    return name
 
 
 def check_same_run(path: Path, request: TrainRequest) -> None:
@@ -146,7 +174,8 @@ def final_evaluation(request: TrainRequest) -> EvalRequest:
                        subset="base-new" if request.subset == "base" else request.subset,
                        templates=request.eval_templates, perturb=request.eval_perturb, seed=request.config.seed,
                        bootstrap=request.bootstrap, num_workers=request.config.num_workers, device=request.device,
-                       amp=request.config.amp, cache=False, output=literal(folder / RESULT), wordings=request.wordings)
+                       amp=request.config.amp, cache=False, output=literal(folder / RESULT), overwrite=True,
+                       wordings=request.wordings)  # the claimed run folder's own result file
 
 
 def run_training(request: TrainRequest, extra_run: dict[str, Any] | None = None, progress: ProgressFn | None = None,
@@ -155,11 +184,19 @@ def run_training(request: TrainRequest, extra_run: dict[str, Any] | None = None,
 
     Under torchrun every rank calls this alike. `note` receives one-line messages for the user
     (resuming, already complete, interrupted), on rank 0; `extra_run` holds fields added to the
-    result's ``run`` block.
+    result's ``run`` block. The run folder is claimed for the whole run.
     """
+    check_request(request)
+    try:
+        return _run_training(request, extra_run, progress, note)
+    finally:
+        release_folder(Path(request.output))
+
+
+def _run_training(request: TrainRequest, extra_run: dict[str, Any] | None, progress: ProgressFn | None,
+                  note: Callable[[str], None] | None) -> dict[str, Any]:
     import torch
 
-    check_request(request)
     device = distributed.setup(request.device)
     main = distributed.is_main()
     say = note if note and main else (lambda _: None)
@@ -174,6 +211,10 @@ def run_training(request: TrainRequest, extra_run: dict[str, Any] | None = None,
                       request.shots, config.seed, Path(request.fewshot_cache) if request.fewshot_cache else None)
              for source in sources]
     train_data = parts[0] if len(parts) == 1 else JointDataset(parts)
+    if main and any(getattr(ds, "split_ignored", False) for ds in eval_inputs.datasets.values()):
+        message = (f"{sources[0]} has no train/ and test/ split folders: training and scoring on the same images, "
+                   "so the result measures memorisation, not generalisation")
+        note(f"warning: {message}") if note else warnings.warn(message, InputWarning, stacklevel=2)
     mode = distributed.main_only(lambda: prepare_output(folder, request))
     if mode == "complete":
         say(f"{folder} is already complete: nothing to resume")
@@ -190,8 +231,9 @@ def run_training(request: TrainRequest, extra_run: dict[str, Any] | None = None,
     torch.manual_seed(config.seed)
     if request.init:
         learner = load_learner_checkpoint(request.init, backbone)
-        if request.learner not in ("", learner.name):
-            raise UserError(f"--init {request.init} holds a '{learner.name}' learner, not '{request.learner}'")
+        if request.learner and request.learner != learner.name:
+            raise UserError(f"--init {request.init} holds a '{learner.name}' learner, not '{request.learner}': drop "
+                            f"--learner, or pass --learner {learner.name}")
     else:
         known = list(dict.fromkeys([*train_data.classnames,
                                     *(c for ds in eval_inputs.datasets.values() for c in ds.classnames)]))
