@@ -14,7 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +22,14 @@ import numpy as np
 import torch
 
 from .articles import agree
-from .data import DatasetOptions, ImageDataset, load_dataset
+from .data import ImageDataset, load_dataset
 from .errors import UserError
 from .evaluate import ImageFeatures, image_features, score_templates, text_features
 from .evaluation import (EvalInputs, EvalRequest, Note, feature_cache, load_evaluated_learner, load_inputs,
                          output_path, run_block)
 from .learners import is_checkpoint
 from .learners.base import PromptLearner
+from .metrics import bootstrap_intervals
 from .names import unknown_name_error
 from .perturb import _EDGE_PUNCT, Edited, Lexicon, PromptUnits, _agreeing_words, split_prompt, synonym_candidates
 from .results import write_json
@@ -99,6 +100,8 @@ class Wording:
     groups: frozenset[str] = frozenset()
     search: dict[str, float] = field(default_factory=dict)
     report: dict[str, float] = field(default_factory=dict)
+    report_correct: np.ndarray | None = field(default=None, repr=False)
+    """Per report image, whether this wording classifies it right (for intervals and paired tests)."""
 
     def badness(self, objective: str) -> float:
         """What the search maximises: error, loss or sensitivity on the search images."""
@@ -246,6 +249,9 @@ class WordingScorer:
             acc = (s.pred == split.labels.cpu().numpy()[None]).mean(1)
             loss = (-p_true.clamp_min(1e-12).log()).mean(1)
             sens = ((p_true - split.p_mean) ** 2).mean(1) if split.p_mean is not None else None
+            if name == "report":
+                for k, w in enumerate(wordings):
+                    w.report_correct = s.pred[k] == split.labels.cpu().numpy()
             for k, w in enumerate(wordings):
                 values = getattr(w, name)
                 values.update(acc=float(acc[k]), loss=float(loss[k]))
@@ -289,12 +295,15 @@ def beam_search(starts: Sequence[str], scorer: WordingScorer, lexicon: Lexicon, 
     expanded: set[str] = set()
     curve: list[dict[str, float]] = []
 
-    def record() -> None:
-        worst = max(scored, key=lambda w: w.badness(settings.objective))
+    worst = max(scored, key=lambda w: w.badness(settings.objective))
+
+    def record(new: Wording) -> None:
+        nonlocal worst
+        worst = max(worst, new, key=lambda w: w.badness(settings.objective))  # ties keep the earlier one
         curve.append({"wordings": len(scored), "worst_search_acc": worst.search["acc"],
                       "worst_report_acc": worst.report["acc"], "worst_template": worst.template})
 
-    record()
+    record(worst)
     while len(scored) < settings.budget:
         room = [w for w in scored if len(w.path) < settings.max_edits and w.template not in expanded]
         if not room:
@@ -317,7 +326,7 @@ def beam_search(starts: Sequence[str], scorer: WordingScorer, lexicon: Lexicon, 
         scorer.score(batch)
         for w in batch:
             scored.append(w)
-            record()
+            record(w)
         if progress:
             progress("wordings", len(scored), settings.budget)
     return SearchResult(scored, curve, start_words)
@@ -356,6 +365,10 @@ def _wording_entry(w: Wording) -> dict[str, Any]:
             "path": w.path, "search": w.search, "report": w.report}
 
 
+def _ci(bounds: tuple[float, float] | None) -> list[float] | None:
+    return None if bounds is None else [float(bounds[0]), float(bounds[1])]
+
+
 def _mean(words: Sequence[Wording], split: str, key: str) -> float:
     return float(np.mean([getattr(w, split)[key] for w in words]))
 
@@ -387,12 +400,11 @@ def run_attack(request: EvalRequest, settings: AttackSettings, *, learner: Promp
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     if request.subset == "base-new":
         raise UserError("an attack runs on one subset of classes: --subset all, base or new")
-    request = EvalRequest(**{**request.__dict__, "perturb": "none"})
+    request = replace(request, perturb="none")
     if dataset is not None and settings.search_split != "half":
         raise UserError("an attack on a dataset object searches and reports on halves of it (search_split='half')")
     if settings.search_split not in ("half", request.split):
-        search_data = load_dataset(request.dataset, DatasetOptions(**{**request.dataset_options.__dict__,
-                                                                       "split": settings.search_split}),
+        search_data = load_dataset(request.dataset, replace(request.dataset_options, split=settings.search_split),
                                    request.subset)
     elif settings.search_split == request.split:
         raise UserError(f"--search-split {settings.search_split} is the report split --split {request.split}: "
@@ -458,19 +470,32 @@ def attack_document(request: EvalRequest, settings: AttackSettings, learner: Pro
     worst = by_badness[0]
     top = by_badness[: settings.top]
     report_mean = _mean(found.starts, "report", "acc")
+    starts_correct = np.sum([w.report_correct for w in found.starts], axis=0)  # [N] start templates right
+    worst_correct = worst.report_correct.astype(np.float64)
+    rows = np.stack([worst_correct, starts_correct / len(found.starts)])
+    if request.bootstrap:
+        ci_worst, ci_mean, ci_gap = bootstrap_intervals(np.concatenate([rows, rows[1:] - rows[:1]]),
+                                                        request.bootstrap, request.seed)
+    else:
+        ci_worst = ci_mean = ci_gap = None
+    checkpoint = request.learner if is_checkpoint(request.learner) else None
     return {
         "schema": ATTACK_SCHEMA,
         "schema_version": ATTACK_SCHEMA_VERSION,
-        "run": {**run_block(request, learner, inputs, started, request.learner if is_checkpoint(request.learner) else None), "attack": {**settings.__dict__, "determiners": list(DETERMINERS)}},
+        "run": {**run_block(request, learner, inputs, started, checkpoint),
+                "attack": {**asdict(settings), "determiners": list(DETERMINERS)}},
         "splits": split_info,
         "summary": {
             "objective": settings.objective,
             "worst_template": worst.template,
             "worst_case_acc": worst.report["acc"],
+            "worst_case_acc_ci": _ci(ci_worst),
             "worst_case_acc_search": worst.search["acc"],
             "mean_acc": report_mean,
+            "mean_acc_ci": _ci(ci_mean),
             "mean_acc_search": _mean(found.starts, "search", "acc"),
             "gap": report_mean - worst.report["acc"],
+            "gap_ci": _ci(ci_gap),
             "worst_start_acc": max(found.starts, key=lambda w: w.badness(settings.objective)).report["acc"],
             "min_report_acc_of_top": min(w.report["acc"] for w in top),
             "grammatical_share": float(np.mean([grammatical(w.template) for w in top])),
@@ -478,6 +503,9 @@ def attack_document(request: EvalRequest, settings: AttackSettings, learner: Pro
         },
         "worst": [_wording_entry(w) for w in top],
         "curve": found.curve,
+        "report_per_image": {"labels": scorer.report.labels.cpu().tolist(),
+                             "worst_correct": worst_correct.astype(int).tolist(),
+                             "starts_correct": starts_correct.astype(int).tolist(), "n_starts": len(found.starts)},
         "scored_templates": [w.template for w in found.scored],
         "counts": {"wordings_scored": scorer.scored, "texts_encoded": scorer.texts_encoded,
                    "texts_cached": scorer.texts_cached, "classes": len(scorer.classnames)},

@@ -325,7 +325,8 @@ def attack(
     max_edits: Annotated[int, typer.Option(min=1, help="Edits allowed from a start template.")] = 3,
     top: Annotated[int, typer.Option(min=1, help="Worst wordings listed.")] = 10,
     lexicon: Annotated[Optional[Path], typer.Option(help="Your own synonym lexicon (JSON).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the half split and of the candidate order.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the half split, the candidate order and the bootstrap.")] = 0,
+    bootstrap: Annotated[int, typer.Option(min=0, help="Bootstrap resamples of the report images for 95% intervals; 0 = off.")] = 1000,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 128,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     output: Annotated[str, typer.Option(help="Result JSON path; fields {learner} {dataset} {split} {subset} {model} {seed} {time}.")] = "results/attack__{learner}__{dataset}__{split}__{time}.json",
@@ -346,7 +347,8 @@ def attack(
     request = EvalRequest(
         model=model, pretrained=pretrained, learner=learner, learner_options=split_pairs(learner_opt, "--learner-opt"),
         dataset=dataset, dataset_options=DatasetOptions(split=split), subset=subset, templates=templates,
-        lexicon=str(lexicon) if lexicon else None, seed=seed, batch_size=batch_size, device=device, amp=amp,
+        lexicon=str(lexicon) if lexicon else None, seed=seed, bootstrap=bootstrap, batch_size=batch_size, device=device,
+        amp=amp,
         cache=cache, cache_dir=str(cache_dir) if cache_dir else None, output=output)
     result = _interruptible(lambda progress: run_attack(request, settings, progress=progress, note=_note))
     summary = result.doc["summary"]
@@ -357,8 +359,9 @@ def attack(
         table.add_row(escape(w["template"]), f"{w['search']['acc']:.3f}", f"{w['report']['acc']:.3f}",
                       escape("; ".join(f"{e['op']} {e['detail']}" for e in w["path"]) or "(start template)"))
     Console().print(table)
+    ci = f" [{summary['gap_ci'][0]:.3f}, {summary['gap_ci'][1]:.3f}]" if summary["gap_ci"] else ""
     print(f"worst-case accuracy {summary['worst_case_acc']:.3f} vs mean {summary['mean_acc']:.3f} "
-          f"(gap {summary['gap']:.3f}) on the report images; {summary['wordings_scored']} wordings scored")
+          f"(gap {summary['gap']:.3f}{ci}) on the report images; {summary['wordings_scored']} wordings scored")
     _note(f"wrote {result.path}")
 
 

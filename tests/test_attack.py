@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -122,6 +123,11 @@ def test_search_finds_a_planted_weak_wording_within_a_small_budget(zeroshot):
     assert PLANTED in summary["worst_template"]
     assert summary["mean_acc"] > 0.9 and summary["worst_case_acc"] < 0.1
     assert summary["gap"] > 0.8
+    per_image = attack.doc["report_per_image"]  # the summary follows from the per-image record
+    assert np.mean(per_image["worst_correct"]) == pytest.approx(summary["worst_case_acc"])
+    assert np.mean(per_image["starts_correct"]) / per_image["n_starts"] == pytest.approx(summary["mean_acc"])
+    low, high = summary["gap_ci"]
+    assert low <= summary["gap"] <= high and low > 0.5
     worst = attack.doc["worst"][0]
     assert worst["start"] == "a photo of a {}." and [e["op"] for e in worst["path"]] == ["synonym"]
     curve = [p["worst_search_acc"] for p in attack.doc["curve"]]
