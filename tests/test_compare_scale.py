@@ -182,3 +182,23 @@ def test_jobs_2_gives_the_metrics_of_a_serial_run(cli, tmp_path, split_folder):
     assert json.loads((tmp_path / "parallel" / "statistics.json").read_text()) == json.loads(
         (tmp_path / "serial" / "statistics.json").read_text())
     assert_one_line_error(run_console("compare", str(sweep), "--jobs", "0"), "--jobs must be at least 1")
+
+
+def test_launcher_runs_a_2_cell_sweep_through_submitits_local_executor_and_aggregates_it(cli, tmp_path,
+                                                                                           split_folder):
+    pytest.importorskip("submitit", reason="the [cluster] extra (in [test]) is not installed")
+    sweep = sweep_file(tmp_path, split_folder, '["zeroshot"]', "[1, 2]", "out")
+    sweep.write_text(sweep.read_text() + "\n[resources]\ntimeout_min = 10\ncpus_per_task = 1\n")
+    code, err = cli(str(sweep), "--launcher", "local")
+    assert code == 0, err
+    runs = json.loads((tmp_path / "out" / "summary.json").read_text())["runs"]
+    assert [(r["seed"], r["status"]) for r in runs] == [(1, "done"), (2, "done")]
+    logs = sorted((tmp_path / "out" / "launcher-logs").glob("*/*.out"))
+    assert len(logs) == 2  # one log per run
+    stats = json.loads((tmp_path / "out" / "statistics.json").read_text())
+    assert stats["groups"][0]["seeds"] == [1, 2]
+    code, err = cli(str(sweep), "--report-only")  # the job array's folders aggregate again to the same numbers
+    assert code == 0, err
+    assert json.loads((tmp_path / "out" / "statistics.json").read_text()) == stats
+    code, err = cli(str(sweep), "--launcher", "pbs", "--output", str(tmp_path / "x"))
+    assert code == 2 and "unknown launcher 'pbs'" in err and "slurm" in err

@@ -201,7 +201,8 @@ def reusable(sweep: Sweep, specs: list[RunSpec], refuse_mismatched: bool,
 def run_grid(sweep: Sweep, skip_existing: bool = False, overwrite: bool = False,
              progress: ProgressFn | None = None, on_record: Callable[[RunRecord], None] | None = None,
              note: Callable[[str], None] | None = None, refuse_mismatched: bool = False,
-             shard: tuple[int, int] | None = None, jobs: int = 1) -> tuple[list[RunRecord], list[str]]:
+             shard: tuple[int, int] | None = None, jobs: int = 1,
+             launcher: str | None = None) -> tuple[list[RunRecord], list[str]]:
     """Run the cells of the grid (or of one shard); return the records, in plan order, and the pairs left out.
 
     Each cell's folder is claimed while it runs; in a serial run a cell another process (a second
@@ -220,12 +221,13 @@ def run_grid(sweep: Sweep, skip_existing: bool = False, overwrite: bool = False,
             finished run recorded with other settings.
         shard: ``(I, N)``: run only the I-th of N disjoint parts of the grid (`launch.shard_cells`).
         jobs: Runs at once (`launch.run_pool`); 1 runs them in this process, one after another.
+        launcher: ``local`` or ``slurm``: hand the runs to submitit instead (`launch.run_submitit`).
 
     Raises:
         UserError: finished runs exist and neither `skip_existing` nor `overwrite` says what to do.
         KeyboardInterrupt: after recording the interrupted run in the summary.
     """
-    from .launch import run_pool, shard_cells
+    from .launch import run_pool, run_submitit, shard_cells
 
     specs, left_out = plan(sweep)
     if shard is not None:
@@ -251,7 +253,9 @@ def run_grid(sweep: Sweep, skip_existing: bool = False, overwrite: bool = False,
                                    str(run_folder(sweep, spec)), "existing"))
     to_run = [s for s in specs if s not in reused]
     try:
-        if jobs > 1:
+        if launcher:
+            run_submitit(sweep, to_run, launcher, finish)
+        elif jobs > 1:
             run_pool(sweep, to_run, jobs, finish)
         else:  # a cell another sweep on this folder is running is put off, then waited for
             busy = []

@@ -5,7 +5,10 @@ each given ``--shard I/N``, run every cell exactly once without talking to each 
 order depends only on the sweep, so every task computes the same split. `run_pool` runs cells in
 K worker processes (spawned: no CUDA state or threads are inherited), each pinned to one GPU
 through ``CUDA_VISIBLE_DEVICES`` when GPUs are present, else given its share of the CPU threads.
-Every cell writes only its own folder; the parent alone writes the summary.
+`run_submitit` hands the cells to submitit (one job array per sweep, resources from the
+sweep's ``[resources]`` table, logs per run under ``OUTPUT/launcher-logs/``): SLURM on a cluster,
+its local executor on one machine and in the tests. Every cell writes only its own folder; the
+parent alone writes the summary.
 """
 
 from __future__ import annotations
@@ -16,10 +19,14 @@ import re
 import sys
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
 
 from ..errors import UserError
 from .grid import RunRecord, run_cell, run_folder
 from .sweep import RunSpec, Sweep
+
+LAUNCHERS = ("local", "slurm")
+"""submitit executors `--launcher` accepts."""
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -87,10 +94,46 @@ def run_pool(sweep: Sweep, specs: list[RunSpec], jobs: int, finish: Callable) ->
             try:
                 record = future.result()
             except Exception as err:  # the worker died (killed, out of memory): that cell failed
-                record = RunRecord(spec.method, spec.learner, spec.dataset, spec.seed, str(run_folder(sweep, spec)),
-                                   "failed", f"{type(err).__name__}: worker process ended ({err})")
+                record = _died(sweep, spec, err)
             finish(spec, record)
     except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown()
+
+
+def _died(sweep: Sweep, spec: RunSpec, err: Exception) -> RunRecord:
+    return RunRecord(spec.method, spec.learner, spec.dataset, spec.seed, str(run_folder(sweep, spec)),
+                     "failed", f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}")
+
+
+def run_submitit(sweep: Sweep, specs: list[RunSpec], launcher: str, finish: Callable) -> None:
+    """Submit `specs` as one submitit job array and call ``finish(spec, record)`` as each result
+    comes back (in submission order).
+
+    Args:
+        launcher: ``slurm`` (a cluster's sbatch) or ``local`` (submitit's local executor: subprocesses).
+
+    Raises:
+        UserError: an unknown launcher, submitit not installed, or a ``[resources]`` key submitit refuses.
+    """
+    if launcher not in LAUNCHERS:
+        raise UserError(f"unknown launcher '{launcher}'; choose one of {', '.join(LAUNCHERS)}")
+    try:
+        import submitit
+    except ImportError:
+        raise UserError("--launcher needs submitit: pip install 'promptbench_vlm[cluster]'") from None
+    executor = submitit.AutoExecutor(folder=Path(sweep.output) / "launcher-logs" / "%j", cluster=launcher)
+    try:
+        executor.update_parameters(name="promptbench-compare", **sweep.resources)
+    except (ValueError, TypeError, NameError) as err:
+        raise UserError(f"sweep [resources]: {str(err).strip().splitlines()[0]}") from None
+    if not specs:
+        return
+    jobs = executor.map_array(_run_one, [sweep] * len(specs), specs)
+    for spec, job in zip(specs, jobs):
+        try:
+            record = job.result()
+        except Exception as err:  # the job died or was cancelled: that cell failed
+            record = _died(sweep, spec, err)
+        finish(spec, record)

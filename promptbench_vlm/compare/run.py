@@ -50,13 +50,13 @@ def run_comparison(sweep: Sweep, source: str = "flags", skip_existing: bool = Fa
                    on_record: Callable[[RunRecord], None] | None = None,
                    note: Callable[[str], None] | None = None, refuse_mismatched: bool = False,
                    shard: tuple[int, int] | None = None, jobs: int = 1,
-                   report_only: bool = False) -> ComparisonResult:
+                   report_only: bool = False, launcher: str | None = None) -> ComparisonResult:
     """Run every cell of `sweep`, then aggregate, test and write the report into ``sweep.output``.
 
     Args:
         source: Where the sweep came from (its TOML file, or ``flags``), for the report.
         plot: Also draw the figures (needs matplotlib: checked before any training).
-        refuse_mismatched, shard, jobs: As `grid.run_grid`. A shard runs its cells and writes its
+        refuse_mismatched, shard, jobs, launcher: As `grid.run_grid`. A shard runs its cells and writes its
             own summary, but no report: the report needs every shard (`report_only` afterwards).
         report_only: Run nothing: aggregate the finished runs lying in ``sweep.output`` (from
             shards, job arrays, other machines), leaving out those recorded with other settings.
@@ -68,8 +68,11 @@ def run_comparison(sweep: Sweep, source: str = "flags", skip_existing: bool = Fa
 
     if jobs < 1:
         raise UserError(f"--jobs must be at least 1, got {jobs}")
-    if report_only and (shard or skip_existing or overwrite):
-        raise UserError("--report-only runs nothing: it takes no --shard, --skip-existing or --overwrite")
+    if report_only and (shard or skip_existing or overwrite or launcher or jobs > 1):
+        raise UserError("--report-only runs nothing: it takes no --shard, --jobs, --launcher, --skip-existing or "
+                        "--overwrite")
+    if launcher and (jobs > 1 or shard):
+        raise UserError("--launcher submits every run as a job array: it takes no --jobs or --shard")
     if plot:
         pyplot()  # fail before an hour of training, not after
     if report_only:
@@ -77,7 +80,7 @@ def run_comparison(sweep: Sweep, source: str = "flags", skip_existing: bool = Fa
     else:
         records, left_out = run_grid(sweep, skip_existing=skip_existing, overwrite=overwrite, progress=progress,
                                      on_record=on_record, note=note, refuse_mismatched=refuse_mismatched,
-                                     shard=shard, jobs=jobs)
+                                     shard=shard, jobs=jobs, launcher=launcher)
     if shard is not None:
         return ComparisonResult([], [], records, left_out, None, [], Path(sweep.output) / summary_name(shard))
     groups = load_groups(records)

@@ -72,6 +72,7 @@ class Sweep:
     wording_seed: int = 0
     out_of_family: str = "out_of_family"
     method: dict[str, MethodSettings] = field(default_factory=dict)
+    resources: dict[str, Any] = field(default_factory=dict)  # submitit parameters of each run (--launcher)
 
     def settings(self, method: str) -> MethodSettings:
         """The overrides of `method` (none when it has no table)."""
@@ -152,7 +153,7 @@ def build_sweep(values: dict[str, Any]) -> Sweep:
     from ..learners import LEARNERS
     from ..train.method import METHODS, check_method_options
 
-    known = set(_LISTS) | set(_SCALARS) | {"method"}
+    known = set(_LISTS) | set(_SCALARS) | {"method", "resources"}
     for key in values:
         if key not in known:
             raise unknown_name_error("sweep key", key, known)
@@ -212,6 +213,7 @@ def build_sweep(values: dict[str, Any]) -> Sweep:
             batch_size=_typed(f"method.{name}.batch_size", table["batch_size"], int) if "batch_size" in table else None,
             learner_options=_typed(f"method.{name}.learner_options", table.get("learner_options", {}), dict))
         kwargs["method"][name] = with_preset(settings) if settings.preset else settings
+    kwargs["resources"] = _typed("resources", values.get("resources", {}), dict)
     sweep = Sweep(**kwargs)
     if sweep.epochs < 1 or sweep.shots < 0 or sweep.bootstrap < 0 or sweep.batch_size < 1:
         raise UserError("sweep: epochs and batch_size must be >= 1, shots and bootstrap >= 0")
