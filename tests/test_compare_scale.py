@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -202,3 +203,6 @@ def test_launcher_runs_a_2_cell_sweep_through_submitits_local_executor_and_aggre
     assert json.loads((tmp_path / "out" / "statistics.json").read_text()) == stats
     code, err = cli(str(sweep), "--launcher", "pbs", "--output", str(tmp_path / "x"))
     assert code == 2 and "unknown launcher 'pbs'" in err and "slurm" in err
+    if not shutil.which("srun"):  # no cluster here: one line, not a traceback
+        assert_one_line_error(run_console("compare", str(sweep), "--launcher", "slurm", "--output", str(tmp_path / "y")),
+                              "--launcher slurm", "srun")

@@ -123,7 +123,10 @@ def run_submitit(sweep: Sweep, specs: list[RunSpec], launcher: str, finish: Call
         import submitit
     except ImportError:
         raise UserError("--launcher needs submitit: pip install 'promptbench_vlm[cluster]'") from None
-    executor = submitit.AutoExecutor(folder=Path(sweep.output) / "launcher-logs" / "%j", cluster=launcher)
+    try:
+        executor = submitit.AutoExecutor(folder=Path(sweep.output) / "launcher-logs" / "%j", cluster=launcher)
+    except RuntimeError as err:  # no sbatch/srun here
+        raise UserError(f"--launcher {launcher}: {str(err).strip().splitlines()[0]}") from None
     try:
         executor.update_parameters(name="promptbench-compare", **sweep.resources)
     except (ValueError, TypeError, NameError) as err:
