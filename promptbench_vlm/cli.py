@@ -391,6 +391,7 @@ def compare(
     jobs: Annotated[int, typer.Option(help="Runs at once on this machine: one GPU each when GPUs are present, else a share of the CPU threads.")] = 1,
     shard: Annotated[Optional[str], typer.Option(help="I/N: run only the I-th of N disjoint parts of the grid (a job-array task); build the report with --report-only after all of them.")] = None,
     report_only: Annotated[bool, typer.Option(help="Run nothing: build the report and statistics from the finished runs in the output folder.")] = False,
+    tensorboard: Annotated[bool, typer.Option(help="Also write every finished run's training curves under OUTPUT/tensorboard (needs the [tensorboard] extra).")] = False,
     launcher: Annotated[Optional[str], typer.Option(help="Hand the runs to submitit as one job array: 'slurm', or 'local' (subprocesses); resources from the sweep's [resources] table (needs the [cluster] extra).")] = None,
     plot: Annotated[bool, typer.Option(help="Write PNG figures into the report (needs the [plot] extra).")] = False,
     preset: Annotated[list[str], typer.Option("--preset", help="Add a paper's configuration as a sweep entry (promptbench list presets), repeatable.")] = [],
@@ -421,7 +422,7 @@ def compare(
     result = _interruptible(lambda progress: run_comparison(
         spec, source=str(sweep or "flags"), skip_existing=skip_existing, overwrite=overwrite, plot=plot,
         progress=progress, on_record=announce, note=_note, refuse_mismatched=refuse_mismatched, shard=part,
-        jobs=jobs, report_only=report_only, launcher=launcher))
+        jobs=jobs, report_only=report_only, launcher=launcher, tensorboard=tensorboard))
     if result.report is None:
         _note(f"shard {shard}: {len(result.records)} runs, statuses in {result.summary_file}; once every shard "
               "has finished, build the report with --report-only")

@@ -206,3 +206,20 @@ def test_launcher_runs_a_2_cell_sweep_through_submitits_local_executor_and_aggre
     if not shutil.which("srun"):  # no cluster here: one line, not a traceback
         assert_one_line_error(run_console("compare", str(sweep), "--launcher", "slurm", "--output", str(tmp_path / "y")),
                               "--launcher slurm", "srun")
+
+
+def test_tensorboard_sink_holds_each_runs_logged_curves(cli, tmp_path, split_folder):
+    pytest.importorskip("tensorboard", reason="the [tensorboard] extra is not installed")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    sweep = sweep_file(tmp_path, split_folder, '["zeroshot", "erm"]', "[1]", "out")
+    code, err = cli(str(sweep), "--tensorboard")
+    assert code == 0, err
+    run = next((tmp_path / "out").glob("*/erm__coop__seed1"))
+    logged = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(tmp_path / "out" / "tensorboard" / run.relative_to(tmp_path / "out")))
+    events.Reload()
+    loss = events.Scalars("loss")
+    assert [e.step for e in loss] == [r["step"] for r in logged]
+    assert [e.value for e in loss] == pytest.approx([r["loss"] for r in logged], rel=1e-6)  # float32 events
+    assert not list((tmp_path / "out" / "tensorboard").glob("*/zeroshot*"))  # no training, no curves

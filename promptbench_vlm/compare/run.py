@@ -50,7 +50,8 @@ def run_comparison(sweep: Sweep, source: str = "flags", skip_existing: bool = Fa
                    on_record: Callable[[RunRecord], None] | None = None,
                    note: Callable[[str], None] | None = None, refuse_mismatched: bool = False,
                    shard: tuple[int, int] | None = None, jobs: int = 1,
-                   report_only: bool = False, launcher: str | None = None) -> ComparisonResult:
+                   report_only: bool = False, launcher: str | None = None,
+                   tensorboard: bool = False) -> ComparisonResult:
     """Run every cell of `sweep`, then aggregate, test and write the report into ``sweep.output``.
 
     Args:
@@ -58,6 +59,8 @@ def run_comparison(sweep: Sweep, source: str = "flags", skip_existing: bool = Fa
         plot: Also draw the figures (needs matplotlib: checked before any training).
         refuse_mismatched, shard, jobs, launcher: As `grid.run_grid`. A shard runs its cells and writes its
             own summary, but no report: the report needs every shard (`report_only` afterwards).
+        tensorboard: Also write each finished run's training curves for TensorBoard
+            (`tensorboard.write_curves`; checked before any run).
         report_only: Run nothing: aggregate the finished runs lying in ``sweep.output`` (from
             shards, job arrays, other machines), leaving out those recorded with other settings.
 
@@ -75,12 +78,20 @@ def run_comparison(sweep: Sweep, source: str = "flags", skip_existing: bool = Fa
         raise UserError("--launcher submits every run as a job array: it takes no --jobs or --shard")
     if plot:
         pyplot()  # fail before an hour of training, not after
+    if tensorboard:
+        from .tensorboard import summary_writer, write_curves
+
+        summary_writer()
     if report_only:
         records, left_out = collect(sweep)
     else:
         records, left_out = run_grid(sweep, skip_existing=skip_existing, overwrite=overwrite, progress=progress,
                                      on_record=on_record, note=note, refuse_mismatched=refuse_mismatched,
                                      shard=shard, jobs=jobs, launcher=launcher)
+    if tensorboard:
+        for r in records:
+            if r.status in ("done", "existing"):
+                write_curves(Path(r.folder), Path(sweep.output))
     if shard is not None:
         return ComparisonResult([], [], records, left_out, None, [], Path(sweep.output) / summary_name(shard))
     groups = load_groups(records)
