@@ -154,6 +154,13 @@ def test_attack_command_writes_the_result(image_folder, tmp_path):
     assert doc["schema"] == "promptbench_vlm/attack" and doc["summary"]["wordings_scored"] == 6
     assert doc["splits"]["search_images"] + doc["splits"]["report_images"] == 12
     assert doc["counts"]["texts_encoded"] <= 6 * 4 and "worst-case accuracy" in proc.stdout
+    again = run_console("attack", "--model", str(TINY_CONFIG), "--dataset", f"folder:{image_folder}",
+                        "--templates", str(templates), "--budget", "6", "--beam", "2", "--device", "cpu",
+                        "--output", str(tmp_path / "again.json"))
+    assert again.returncode == 0, again.stderr[-2000:]
+    counts = json.loads((tmp_path / "again.json").read_text(encoding="utf-8"))["counts"]
+    assert counts["images_encoded"] == counts["texts_encoded"] == 0  # all from the evaluator's feature cache
+    assert counts["texts_cached"] == doc["counts"]["texts_encoded"]
     bad = run_console("attack", "--model", str(TINY_CONFIG), "--dataset", f"folder:{image_folder}",
                       "--templates", str(templates), "--budget", "1", "--device", "cpu", "--output", str(out))
     assert_one_line_error(bad, "--budget 1", "start templates")
