@@ -187,7 +187,6 @@ def test_jobs_2_gives_the_metrics_of_a_serial_run(cli, tmp_path, split_folder):
 
 def test_launcher_runs_a_2_cell_sweep_through_submitits_local_executor_and_aggregates_it(cli, tmp_path,
                                                                                            split_folder):
-    pytest.importorskip("submitit", reason="the [cluster] extra (in [test]) is not installed")
     sweep = sweep_file(tmp_path, split_folder, '["zeroshot"]', "[1, 2]", "out")
     sweep.write_text(sweep.read_text() + "\n[resources]\ntimeout_min = 10\ncpus_per_task = 1\n")
     code, err = cli(str(sweep), "--launcher", "local")
@@ -209,7 +208,6 @@ def test_launcher_runs_a_2_cell_sweep_through_submitits_local_executor_and_aggre
 
 
 def test_tensorboard_sink_holds_each_runs_logged_curves(cli, tmp_path, split_folder):
-    pytest.importorskip("tensorboard", reason="the [tensorboard] extra is not installed")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     sweep = sweep_file(tmp_path, split_folder, '["zeroshot", "erm"]', "[1]", "out")
