@@ -87,13 +87,20 @@ def _interruptible(call: Callable[[Callable[[str, int, int], None]], T]) -> T:
             raise typer.Exit(143 if isinstance(interrupt, Terminated) else 130) from None
 
 
+ModelOption = Annotated[str, typer.Option("--model", help="open_clip architecture name, model-config JSON path, or toy-clip.")]
+LearnerOption = Annotated[str, typer.Option("--learner", help="Registered learner name or a learner checkpoint (.safetensors).")]
+LearnerOpts = Annotated[list[str], typer.Option("--learner-opt", help="Learner option KEY=VALUE (repeatable).")]
+DatasetOption = Annotated[str, typer.Option("--dataset", help="toy-shapes | folder:PATH | coop:NAME@ROOT | hf:NAME | hf-disk:PATH")]
+"""Options that `evaluate`, `attack` and `train` declare alike, written once."""
+
+
 @app.command()
 def evaluate(
-    model: Annotated[str, typer.Option(help="open_clip architecture name, model-config JSON path, or toy-clip.")] = "toy-clip",
+    model: ModelOption = "toy-clip",
     pretrained: Annotated[Optional[str], typer.Option(help="Pretrained tag (hub) or local weights file; toy-clip uses its shipped weights.")] = None,
-    learner: Annotated[str, typer.Option(help="Registered learner name or a learner checkpoint (.safetensors).")] = "zeroshot",
-    learner_opt: Annotated[list[str], typer.Option("--learner-opt", help="Learner option KEY=VALUE (repeatable).")] = [],
-    dataset: Annotated[str, typer.Option(help="toy-shapes | folder:PATH | coop:NAME@ROOT | hf:NAME | hf-disk:PATH")] = "toy-shapes",
+    learner: LearnerOption = "zeroshot",
+    learner_opt: LearnerOpts = [],
+    dataset: DatasetOption = "toy-shapes",
     split: Annotated[str, typer.Option(help="Dataset split.")] = "test",
     subset: Annotated[str, typer.Option(help="all | base | new | base-new (both, with H).")] = "all",
     image_column: Annotated[str, typer.Option(help="HF datasets: the image column.")] = "image",
@@ -164,7 +171,7 @@ def train(
     ctx: typer.Context,
     method: Annotated[str, typer.Option(help="Training method (promptbench list methods).")] = "erm",
     learner: Annotated[Optional[str], typer.Option(help="Learner to train (promptbench list learners); default coop, or with --init the checkpoint's (any other is refused).")] = None,
-    model: Annotated[str, typer.Option(help="open_clip architecture name, model-config JSON path, or toy-clip.")] = "toy-clip",
+    model: ModelOption = "toy-clip",
     pretrained: Annotated[Optional[str], typer.Option(help="Pretrained tag or local weights file.")] = None,
     dataset: Annotated[list[str], typer.Option(help="Dataset spec; its train split is trained on, its test split evaluated. Repeatable: train on several side by side (maml-clip: one task source each), evaluate on the first.")] = ["toy-shapes"],
     shots: Annotated[int, typer.Option(help="Images per class (few-shot, drawn with the seed); 0 = all.")] = 16,
@@ -176,7 +183,7 @@ def train(
     accumulate: Annotated[int, typer.Option(min=1, help="Batches per optimiser step.")] = 1,
     seed: Annotated[int, typer.Option(help="Seed of the few-shot draw, data order and initialisation.")] = 1,
     init: Annotated[Optional[Path], typer.Option(help="Start from this learner checkpoint (e.g. a meta-prompt).")] = None,
-    learner_opt: Annotated[list[str], typer.Option("--learner-opt", help="Learner option KEY=VALUE (repeatable).")] = [],
+    learner_opt: LearnerOpts = [],
     method_opt: Annotated[list[str], typer.Option("--method-opt", help="Method option KEY=VALUE (repeatable).")] = [],
     eval_templates: Annotated[str, typer.Option(help="Template set of the final evaluation (the pool that --wordings split divides).")] = "promptsrc60",
     wordings: Annotated[str, typer.Option(help="'split': train on the seen wordings of --eval-templates only, report seen / held-out / out-of-family (docs/wordings.md); 'all': train as the method says, evaluate on --eval-templates.")] = "all",
@@ -310,11 +317,11 @@ def report(
 
 @app.command()
 def attack(
-    model: Annotated[str, typer.Option(help="open_clip architecture name, model-config JSON path, or toy-clip.")] = "toy-clip",
+    model: ModelOption = "toy-clip",
     pretrained: Annotated[Optional[str], typer.Option(help="Pretrained tag (hub) or local weights file.")] = None,
-    learner: Annotated[str, typer.Option(help="Registered learner name or a learner checkpoint (.safetensors).")] = "zeroshot",
-    learner_opt: Annotated[list[str], typer.Option("--learner-opt", help="Learner option KEY=VALUE (repeatable).")] = [],
-    dataset: Annotated[str, typer.Option(help="toy-shapes | folder:PATH | coop:NAME@ROOT | hf:NAME | hf-disk:PATH")] = "toy-shapes",
+    learner: LearnerOption = "zeroshot",
+    learner_opt: LearnerOpts = [],
+    dataset: DatasetOption = "toy-shapes",
     split: Annotated[str, typer.Option(help="Dataset split the found wordings are reported on.")] = "test",
     subset: Annotated[str, typer.Option(help="Classes: all | base | new.")] = "all",
     search_split: Annotated[str, typer.Option(help="'half': search on a seeded half of --split's images, report on the other half; or a split name (e.g. val) to search on.")] = "half",
