@@ -128,7 +128,7 @@ def test_hypergradients_match_finite_differences_one_inner_step(learner, rate_in
 def test_hypergradients_are_exact_for_the_linearised_inner_loop_over_three_steps():
     """K = 3: the hypergradients equal the derivative of L_out(θ − Σ_k α ⊙ Σ_i w_i g_i^(k)) with the
     per-template gradients g_i^(k) frozen (taken one template at a time, by hand)."""
-    method = float64_method("maple", inner_steps=3, inner_lr=0.3, entropy_reg=0.05)
+    method = float64_method("maple", inner_steps=3, inner_lr=0.3, entropy_reg=0.05, rate_input="tokens")
     perturb_rates(method)
     images, labels = batch()
     grads, _, _ = meta_grads(method, images, labels)
@@ -209,13 +209,19 @@ def test_without_weighting_and_token_rates_one_step_is_plain_fomaml():
         torch.testing.assert_close(grads[f"learner.{n}"], (start - point[n]) / (2 * 0.2), rtol=1e-9, atol=1e-12)
 
 
-def test_anchor_adds_the_weighted_inner_loss_gradient_at_theta():
-    plain = float64_method("coop", inner_steps=2, inner_lr=0.2, anchor=0.0)
+@pytest.mark.parametrize("rate_input", ["tokens", "template_features"])
+def test_anchor_adds_the_weighted_inner_loss_gradient_at_theta(rate_input):
+    """The anchor adds the gradient at θ of Σ_i w_i L_i on P_in; with per-template rates template i
+    enters it as its inner step does, with w_i α_i / α₀."""
+    plain = float64_method("coop", inner_steps=2, inner_lr=0.2, anchor=0.0, rate_input=rate_input)
     perturb_rates(plain)
-    anchored = float64_method("coop", inner_steps=2, inner_lr=0.2, anchor=0.5)
+    anchored = float64_method("coop", inner_steps=2, inner_lr=0.2, anchor=0.5, rate_input=rate_input)
     anchored.load_state_dict(plain.state_dict())
     images, labels = batch()
     weights = torch.softmax(plain.scores.detach()[SPLIT[0]] / plain.tau, 0)
+    if rate_input == "template_features":
+        with torch.no_grad():
+            weights = weights * plain.template_rate(plain.learned(), SPLIT[0]) / plain.inner_lr
     with learner_at(plain, {n: p.detach() for n, p in plain.learned().items()}) as params:
         inner = (weights * torch.stack(hand_losses(plain, SPLIT[0], images, labels))).sum()
         g0 = dict(zip(params, torch.autograd.grad(inner, list(params.values()))))

@@ -66,7 +66,7 @@ class PromiseOptions:
     track_improvement: bool = option(True, "Also log the share of inner updates that lowered L_out "
                                      "(K extra forwards).")
     rate_input: Literal["tokens", "template_features"] = option(
-        "tokens", "What H reads: each learned prompt token (a rate per token), or each P_in template's "
+        "template_features", "What H reads: each learned prompt token (a rate per token), or each P_in template's "
         "text-encoder features (a rate per template, scaling its gradient).")
 
 
