@@ -12,6 +12,7 @@ minimum of noise over many tries on the same images. See docs/attack.md.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -27,16 +28,20 @@ from .errors import UserError
 from .evaluate import ImageFeatures, image_features, score_templates, text_features
 from .evaluation import (EvalInputs, EvalRequest, Note, feature_cache, load_evaluated_learner, load_inputs,
                          output_path, run_block)
-from .learners import is_checkpoint
-from .learners.base import PromptLearner
+from .learners import is_checkpoint, learner_class
+from .learners.base import PromptLearner, read_checkpoint
 from .metrics import bootstrap_intervals
 from .names import unknown_name_error
 from .perturb import _EDGE_PUNCT, Edited, Lexicon, PromptUnits, _agreeing_words, split_prompt, synonym_candidates
-from .results import write_json
+from .results import read_schema_file, schema_errors, write_json
 from .templates import TemplateSet
 
 ATTACK_SCHEMA = "promptbench_vlm/attack"
 ATTACK_SCHEMA_VERSION = 1
+ATTACK_SCHEMA_FILE = Path(__file__).resolve().parent / "schemas" / "attack.schema.json"
+ATTACK_REQUIRES: tuple[str, ...] = ("unconditional",)
+"""The learner capabilities (`train.method.CAPABILITIES`) the search relies on: a wording is scored
+from text features encoded once for every image, so they must not depend on the image."""
 OBJECTIVES: tuple[str, ...] = ("accuracy", "loss", "sensitivity")
 DEFAULT_ATTACK_OUTPUT = "results/attack__{learner}__{dataset}__{split}__{time}.json"
 # Determiners an edit may swap or drop; "a"/"an" count as one (agreement picks the form).
@@ -336,6 +341,64 @@ def beam_search(starts: Sequence[str], scorer: WordingScorer, lexicon: Lexicon, 
 # The entry point
 # ----------------------------------------------------------------------------------------------
 
+def attack_refusal(cls: type[PromptLearner]) -> str | None:
+    """Why learner class `cls` cannot be attacked (it lacks a capability of `ATTACK_REQUIRES`), or None."""
+    from .train.method import CAPABILITIES
+
+    lacking = [name for name in ATTACK_REQUIRES if not CAPABILITIES[name][0](cls)]
+    if not lacking:
+        return None
+    return (f"learner '{cls.name}' cannot be attacked: it lacks the capability '{lacking[0]}' "
+            f"({CAPABILITIES[lacking[0]][1]}); the attack scores each wording from text features encoded once "
+            "for all images")
+
+
+def check_attackable(cls: type[PromptLearner]) -> None:
+    """Refuse a learner class that lacks a capability the search relies on (`attack_refusal`).
+
+    Raises:
+        UserError: naming the capability, what it means and why the attack needs it.
+    """
+    if (why := attack_refusal(cls)) is not None:
+        raise UserError(why)
+
+
+def _learner_name(spec: str) -> str:
+    """The registered learner a --learner value builds: the name itself, or the one a checkpoint records."""
+    return str(read_checkpoint(spec)[1].get("learner", "")) if is_checkpoint(spec) else spec
+
+
+def attack_schema() -> dict[str, Any]:
+    """The JSON Schema of the attack result, as shipped in the package."""
+    return read_schema_file(ATTACK_SCHEMA_FILE)
+
+
+def read_attack(path: str | Path) -> dict[str, Any]:
+    """Read an attack result file, checking it against the shipped schema.
+
+    Raises:
+        UserError: missing or unreadable file, not an attack result of this package, another
+            schema version, or a file that departs from the schema (the first place, one line).
+    """
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"attack result not found: {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"cannot read attack result {path}: {str(err).splitlines()[0]}") from None
+    if not isinstance(doc, dict) or doc.get("schema") != ATTACK_SCHEMA:
+        raise UserError(f"{path} is not a promptbench_vlm attack result")
+    if doc.get("schema_version") != ATTACK_SCHEMA_VERSION:
+        raise UserError(f"{path} has attack schema version {doc.get('schema_version')}; this version reads "
+                        f"{ATTACK_SCHEMA_VERSION}")
+    errors = schema_errors(doc, attack_schema())
+    if errors:
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise UserError(f"{path} is not a valid attack result {errors[0]}{more}")
+    return doc
+
+
 def stratified_halves(labels: Sequence[int], seed: int) -> tuple[list[int], list[int]]:
     """Disjoint search and report halves of the images: each class's images shuffled (seeded)
     and dealt alternately, so both halves hold every class (an odd one out goes to search)."""
@@ -383,17 +446,20 @@ class Attack:
 
 def run_attack(request: EvalRequest, settings: AttackSettings, *, learner: PromptLearner | None = None,
                dataset: ImageDataset | None = None, templates: Sequence[str] | None = None,
-               progress: Callable[[str, int, int], None] | None = None, note: Note | None = None) -> Attack:
+               progress: Callable[[str, int, int], None] | None = None, note: Note | None = None,
+               features: Any = None) -> Attack:
     """Search for the worst wordings of a learner on a dataset; write and return the result.
 
     `request` says the learner, dataset, split (the report split), start templates (``templates``),
     lexicon, cache, subset (all, base or new classes) and output as for an evaluation (its
     perturbations are not used). Image features are encoded once per split, with the evaluator's
-    cache; every wording is scored from its C text features.
+    cache; every wording is scored from its C text features. `features` replaces the request's
+    feature cache (a `cache.MemoryCache` that `compare` shares between the cells of a sweep).
 
     Raises:
-        UserError: bad input (before any model loads where it can be found there), an
-            image-conditional learner, a search split equal to the report split.
+        UserError: bad input (before any model loads where it can be found there), a learner
+            lacking a capability of `ATTACK_REQUIRES` (CoCoOp: image-conditional), a search split
+            equal to the report split.
     """
     say = note or (lambda message: None)
     started_clock = time.perf_counter()
@@ -401,6 +467,7 @@ def run_attack(request: EvalRequest, settings: AttackSettings, *, learner: Promp
     if request.subset == "base-new":
         raise UserError("an attack runs on one subset of classes: --subset all, base or new")
     request = replace(request, perturb="none")
+    check_attackable(type(learner) if learner is not None else learner_class(_learner_name(request.learner)))
     if dataset is not None and settings.search_split != "half":
         raise UserError("an attack on a dataset object searches and reports on halves of it (search_split='half')")
     if settings.search_split not in ("half", request.split):
@@ -422,10 +489,8 @@ def run_attack(request: EvalRequest, settings: AttackSettings, *, learner: Promp
     if search_data is not None and list(search_data.classnames) != list(report_data.classnames):
         raise UserError(f"the {settings.search_split} and {request.split} splits have different classes")
     learner = (learner or load_evaluated_learner(request, say)).eval()
-    if learner.conditional:
-        raise UserError(f"learner '{learner.name}' is image-conditional: its text features depend on the image, "
-                        f"which the attack's text-only scoring does not cover yet")
-    cache = feature_cache(request, say)
+    check_attackable(type(learner))
+    cache = feature_cache(request, say) if features is None else features
     images = image_features(learner, report_data, request.batch_size, request.num_workers, progress, cache,
                             request.split, request.amp)
     encoded_images = images.encoded

@@ -31,6 +31,7 @@ import json
 import re
 import sys
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -255,6 +256,56 @@ class FeatureCache:
             self.warn(f"feature cache entry {path} is corrupt (its tensors do not match their checksums); rebuilding it")
             return None
         return tensors, meta
+
+
+class MemoryCache:
+    """Image and text features in memory, under the same keys as `FeatureCache`, for one process.
+
+    An entry is reused exactly where the on-disk cache would reuse it (the zero-shot learner's
+    prompts across seeds; the images of learners whose image side is not learned across every
+    cell of a sweep), but nothing is written: a sweep's attacks would otherwise leave B x C
+    prompt features of every trained learner on disk, of no use once its cell is attacked. Only
+    the latest `image_keys` image keys and `text_keys` text keys (learner states) are kept, so
+    memory stays bounded over a long sweep.
+    """
+
+    def __init__(self, image_keys: int = 8, text_keys: int = 2):
+        self.limits = {"images": image_keys, "texts": text_keys}
+        self._images: OrderedDict[str, dict[tuple[int, int], tuple[torch.Tensor, list[int], list[dict[str, str]]]]] \
+            = OrderedDict()
+        self._texts: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+
+    def _entries(self, kind: str, key: dict[str, Any], create: bool) -> dict | None:
+        """The entries of `key` (most recently used now), made when `create`; the oldest key beyond the limit goes."""
+        store = self._images if kind == "images" else self._texts
+        name = digest(key)
+        if name in store:
+            store.move_to_end(name)
+        elif create:
+            store[name] = {}
+            while len(store) > self.limits[kind]:
+                store.popitem(last=False)
+        return store.get(name)
+
+    def load_images(self, key: dict[str, Any], start: int, end: int
+                    ) -> tuple[torch.Tensor, list[int], list[dict[str, str]]] | None:
+        """As `FeatureCache.load_images`: the chunk ``[start, end)``, or None."""
+        return (self._entries("images", key, create=False) or {}).get((start, end))
+
+    def store_images(self, key: dict[str, Any], start: int, end: int, features: torch.Tensor,
+                     indices: Sequence[int], skipped: list[dict[str, str]]) -> None:
+        """Keep the chunk ``[start, end)`` (on the CPU, as the disk cache returns it)."""
+        self._entries("images", key, create=True)[(start, end)] = (
+            features.detach().to("cpu", torch.float32), list(indices), list(skipped))
+
+    def load_texts(self, key: dict[str, Any], wanted: Sequence[str]) -> dict[str, torch.Tensor]:
+        """As `FeatureCache.load_texts`: the features of those of `wanted` held."""
+        held = self._entries("texts", key, create=False) or {}
+        return {t: held[t] for t in wanted if t in held}
+
+    def store_texts(self, key: dict[str, Any], texts: Sequence[str], features: torch.Tensor) -> None:
+        """Keep the features of `texts`."""
+        self._entries("texts", key, create=True).update(zip(texts, features.detach().to("cpu", torch.float32)))
 
 
 # --- `promptbench cache info|clear` --------------------------------------------------------

@@ -402,12 +402,13 @@ def compare(
     launcher: Annotated[Optional[str], typer.Option(help="Hand the runs to submitit as one job array: 'slurm', or 'local' (subprocesses); resources from the sweep's [resources] table (needs the [cluster] extra).")] = None,
     plot: Annotated[bool, typer.Option(help="Write PNG figures into the report (needs the [plot] extra).")] = False,
     preset: Annotated[list[str], typer.Option("--preset", help="Add a paper's configuration as a sweep entry (promptbench list presets), repeatable.")] = [],
+    attack_budget: Annotated[Optional[int], typer.Option(help="Also attack every finished cell with this budget of wordings (the sweep's 'attack' table, docs/compare.md): worst-case accuracy, with paired tests.")] = None,
 ) -> None:
     """Run methods x learners x datasets x seeds and report them side by side, with paired tests."""
     from .compare.launch import parse_shard
     from .compare.run import run_comparison
     from .compare.sweep import build_sweep, read_sweep_file
-    from .compare.tables import headline_table, paired_table, runs_table, to_rich
+    from .compare.tables import headline_table, paired_table, runs_table, to_rich, worst_case_table
 
     values = read_sweep_file(sweep) if sweep else {}
     flags = {"methods": method, "learners": learner, "datasets": dataset, "seeds": seed, "shots": shots,
@@ -415,6 +416,9 @@ def compare(
              "bootstrap": bootstrap, "model": model, "pretrained": pretrained, "device": device, "output": output,
              "reference": reference, "wordings": wordings}
     values.update({k: v for k, v in flags.items() if v not in (None, [])})
+    if attack_budget is not None:
+        table = values.get("attack", {})
+        values["attack"] = {**table, "budget": attack_budget} if isinstance(table, dict) else table
     for name in preset:  # an entry of its own, as `[method.NAME] preset = "NAME"` in a sweep file
         values["methods"] = [*values.get("methods", []), name]
         values.setdefault("method", {}).setdefault(name, {})["preset"] = name
@@ -436,6 +440,8 @@ def compare(
         return
     out = Console(width=160)
     out.print(to_rich(headline_table(result.summaries)))
+    if (worst := worst_case_table(result.summaries, spec)) is not None:
+        out.print(to_rich(worst))
     if result.comparisons:
         out.print(to_rich(paired_table(result.comparisons, clean_only=True)))
     failed = runs_table(result.records)

@@ -103,16 +103,22 @@ def write_json(doc: dict[str, Any], path: str | Path) -> Path:
 
 
 @functools.cache
+def read_schema_file(path: Path) -> dict[str, Any]:
+    """A JSON Schema shipped in the package (read once)."""
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
 def result_schema() -> dict[str, Any]:
     """The JSON Schema of the current result version, as shipped in the package."""
-    return json.loads(SCHEMA_FILE.read_text(encoding="utf-8"))
+    return read_schema_file(SCHEMA_FILE)
 
 
-def schema_errors(doc: Any) -> list[str]:
-    """Where `doc` departs from the current schema, one ``at /json/path: message`` per problem."""
+def schema_errors(doc: Any, schema: dict[str, Any] | None = None) -> list[str]:
+    """Where `doc` departs from `schema` (the current result schema by default), one
+    ``at /json/path: message`` per problem."""
     from jsonschema import Draft202012Validator, FormatChecker
 
-    validator = Draft202012Validator(result_schema(), format_checker=FormatChecker())
+    validator = Draft202012Validator(schema or result_schema(), format_checker=FormatChecker())
     errors = sorted(validator.iter_errors(doc), key=lambda e: list(e.absolute_path))
     return [f"at /{'/'.join(str(p) for p in e.absolute_path)}: {e.message}" for e in errors]
 

@@ -42,7 +42,8 @@ def group_doc(summary: GroupSummary) -> dict[str, Any]:
             "base_new": _cells(summary.base_new),
             "base_new_by_wording": {pool: _cells(cells) for pool, cells in summary.base_new_by_wording.items()},
             "perturbations": {subset: {label: _cells(cells) for label, cells in labels.items()}
-                              for subset, labels in summary.perturbations.items()}}
+                              for subset, labels in summary.perturbations.items()},
+            "worst_case": {subset: _cells(cells) for subset, cells in summary.worst_case.items()}}
 
 
 def comparison_doc(c: Comparison) -> dict[str, Any]:
@@ -68,6 +69,7 @@ def _cell_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
     found = [(subset, "", cells) for subset, cells in doc["clean"].items()]
     found += [("base-new", "", doc["base_new"])]
     found += [(f"base-new/{pool}", "", cells) for pool, cells in doc["base_new_by_wording"].items()]
+    found += [(subset, "", cells) for subset, cells in doc.get("worst_case", {}).items()]
     found += [(subset, label, cells) for subset, labels in doc["perturbations"].items()
               for label, cells in labels.items()]
     rows = []

@@ -18,9 +18,11 @@ from typing import Any
 
 from ..errors import UserError
 from ..evaluate import ProgressFn
-from ..files import FolderBusy, check_run_folder, claim_folder, mark_run_folder, reading_folder, release_folder
+from ..files import (FolderBusy, check_run_folder, claim_folder, mark_run_folder, reading_folder, release_folder,
+                     remove_run_files)
 from ..results import read_result, write_json
 from ..train.run import RESULT, RUN_FILES
+from .attacks import ATTACK_FILES, attack_cells, attack_status, our_attack_files, read_cell_attacks
 from .stats import Group
 from .sweep import ZEROSHOT, RunSpec, Sweep, plan
 
@@ -40,6 +42,7 @@ class RunRecord:
     status: str
     error: str | None = None
     wall_time_s: float = 0.0
+    attack: str | None = None  # with the sweep's attack: done, existing, missing, mismatched/failed/not applicable: why
 
 
 def _safe(text: str) -> str:
@@ -143,11 +146,12 @@ def run_cell(sweep: Sweep, spec: RunSpec, progress: ProgressFn | None = None,
     record = RunRecord(spec.method, spec.learner, spec.dataset, spec.seed, str(folder), "done")
     started = time.perf_counter()
     try:
-        check_run_folder(folder, RUN_FILES, replace=True, legacy=(RESULT,))
+        check_run_folder(folder, (*RUN_FILES, *ATTACK_FILES.values()), replace=True, legacy=(RESULT,))
         claim_folder(folder, wait=wait)
         if reuse_finished and finished(folder):
             record.status = "existing"  # finished by another sweep on this folder
         else:
+            remove_run_files(folder, our_attack_files(folder))  # the attacks of the run about to be replaced
             run = evaluate_zeroshot if spec.method == ZEROSHOT else train_run
             run(sweep, spec, folder, progress, note)
     except (KeyboardInterrupt, FolderBusy):
@@ -274,7 +278,11 @@ def run_grid(sweep: Sweep, skip_existing: bool = False, overwrite: bool = False,
                                           str(run_folder(sweep, spec)), "interrupted", "interrupted by the user")
         write_summary(sweep, left_out, [by_spec[s] for s in specs], shard)
         raise
-    return [by_spec[s] for s in specs], left_out
+    records = [by_spec[s] for s in specs]
+    if sweep.attack is not None:  # after the cells, in this process, reusing attacks that fit
+        attack_cells(sweep, records, progress, note)
+        write_summary(sweep, left_out, records, shard)
+    return records, left_out
 
 
 def collect(sweep: Sweep) -> tuple[list[RunRecord], list[str]]:
@@ -291,6 +299,8 @@ def collect(sweep: Sweep) -> tuple[list[RunRecord], list[str]]:
             differing = recorded_differences(sweep, spec, folder)
             record.status, record.error = ("mismatched", f"settings differ: {', '.join(differing)}") if differing \
                 else ("existing", None)
+            if sweep.attack is not None and not differing:
+                record.attack = attack_status(sweep, spec, folder)
         records.append(record)
     return records, left_out
 
@@ -305,4 +315,6 @@ def load_groups(records: list[RunRecord]) -> list[Group]:
         group = groups.setdefault(key, Group(*key))
         with reading_folder(Path(r.folder)):  # never while another sweep rewrites it
             group.docs[r.seed] = read_result(Path(r.folder) / RESULT)
+            if r.attack in ("done", "existing"):
+                group.attacks[r.seed] = read_cell_attacks(Path(r.folder))
     return list(groups.values())

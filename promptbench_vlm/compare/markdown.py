@@ -7,11 +7,14 @@ from pathlib import Path
 
 from .grid import RunRecord
 from .stats import Comparison, GroupSummary
-from .tables import headline_table, paired_table, perturbation_tables, runs_table, survivors, to_markdown
+from .sweep import Sweep
+from .tables import (headline_table, paired_table, perturbation_tables, runs_table, survivors, to_markdown,
+                     worst_case_table)
 
 
 def write_markdown(path: str | Path, title: str, setup: list[str], summaries: list[GroupSummary],
-                   comparisons: list[Comparison], records: list[RunRecord], plots: list[Path]) -> Path:
+                   comparisons: list[Comparison], records: list[RunRecord], plots: list[Path],
+                   sweep: Sweep | None = None) -> Path:
     """Write the report; figures are linked by paths relative to the report, so the folder can move.
 
     Args:
@@ -22,6 +25,7 @@ def write_markdown(path: str | Path, title: str, setup: list[str], summaries: li
         comparisons: The paired tests (may be empty).
         records: The grid's runs, for the failures section (may be empty).
         plots: PNG files to embed.
+        sweep: The sweep (for its attack settings in the worst-case table's title).
     """
     path = Path(path)
     parts = [f"# {title}", "", *(f"- {line}" for line in setup), ""]
@@ -29,6 +33,11 @@ def write_markdown(path: str | Path, title: str, setup: list[str], summaries: li
     if failed.rows:
         parts += ["## Runs that did not finish", "", to_markdown(failed)]
     parts += ["## Accuracy and sensitivity", "", to_markdown(headline_table(summaries))]
+    if (worst := worst_case_table(summaries, sweep)) is not None:
+        parts += ["## Worst-case accuracy", "", "The worst wording the attack found near the start templates, "
+                  "picked on the search images and reported on the other images (docs/attack.md); its paired "
+                  "test against the reference (metric worst-case acc) is among the paired tests below.", "",
+                  to_markdown(worst)]
     if comparisons:
         tested = sum(c.p_value is not None for c in comparisons)
         kept = survivors(comparisons)

@@ -19,7 +19,7 @@ from .grid import SUMMARY, RunRecord, collect, load_groups, run_grid, summary_na
 from .markdown import write_markdown
 from .stats import Comparison, Group, GroupSummary, compare_to_reference, summarise
 from .sweep import Sweep
-from .tables import wording_line
+from .tables import attack_line, wording_line
 
 
 @dataclass
@@ -111,12 +111,13 @@ def run_comparison(sweep: Sweep, source: str = "flags", skip_existing: bool = Fa
              f"model {sweep.model}; datasets {', '.join(sweep.datasets)}; seeds {sweep.seeds}; {sweep.shots} shots; "
              f"{sweep.epochs} epochs; templates {sweep.templates}; perturbations {sweep.perturb}",
              wording_line(sweep),
+             *([attack_line(records)] if sweep.attack is not None else []),
              f"runs: {finished_runs} finished, " + ", ".join(f"{n} {s}" for s, n in not_run.items() if n or s == "failed")
              + (f"; left out (method does not fit the learner): {', '.join(left_out)}" if left_out else ""),
              f"statistics as data: {JSON_NAME}, {CSV_NAME}"]
     write_statistics(folder, summaries, comparisons)
     report = write_markdown(folder / "report.md", "promptbench comparison", setup, summaries, comparisons, records,
-                            paths)
+                            paths, sweep)
     return ComparisonResult(summaries, comparisons, records, left_out, report, paths, folder / SUMMARY)
 
 

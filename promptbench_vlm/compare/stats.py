@@ -12,6 +12,7 @@ family: one method against its reference on one dataset (every subset, wording a
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,10 @@ PERTURBATION_METRICS = ("AS", "LPR", "JSD", "TS")
 # JSD is summarised with intervals but kept out of the paired family, so it does not change the
 # Holm correction of the AS and LPR verdicts.
 PAIRED_PERTURBATION_METRICS = ("AS", "LPR")
+WORST_CASE_METRICS = ("starts_acc", "worst_acc", "worst_gap")
+"""From a cell's attack (docs/attack.md), per report image, in %: the share of start templates that
+classify it right, whether the worst wording found does, and their difference (the gap)."""
+PAIRED_WORST_CASE_METRICS = ("worst_acc",)
 ALPHA = 0.05
 """Family-wise error rate of the Holm-corrected verdicts."""
 
@@ -48,6 +53,7 @@ class Group:
     learner: str
     dataset: str
     docs: dict[int, dict[str, Any]] = field(default_factory=dict)
+    attacks: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict)  # seed -> class subset -> attack doc
 
     @property
     def label(self) -> str:
@@ -69,6 +75,9 @@ class GroupSummary:
     labels: dict[str, np.ndarray]  # subset -> [N], for the pairing check
     seeds: list[int] = field(default_factory=list)
     base_new_by_wording: dict[str, dict[str, Cell]] = field(default_factory=dict)  # pool -> base/new/H
+    worst_case: dict[str, dict[str, Cell]] = field(default_factory=dict)  # class subset -> WORST_CASE_METRICS
+    worst_case_images: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # subset -> metric -> [S, N]
+    worst_case_pairing: dict[str, str] = field(default_factory=dict)  # subset -> which report images (for pairing)
 
 
 @dataclass
@@ -179,8 +188,41 @@ def summarise(group: Group, n_resamples: int = 1000, seed: int = 0) -> GroupSumm
     base_new = _base_new_cells([d.get("base_new") for d in docs], clean, "")
     pools = [p for p in POOLS if all(p in d.get("base_new_by_wording", {}) for d in docs)]
     by_wording = {p: _base_new_cells([d["base_new_by_wording"][p] for d in docs], clean, f"@{p}") for p in pools}
-    return GroupSummary(group, subsets, clean, base_new, perturbations, per_template,
-                        list(docs[0]["run"]["templates"]), per_image, labels, seeds, by_wording)
+    summary = GroupSummary(group, subsets, clean, base_new, perturbations, per_template,
+                           list(docs[0]["run"]["templates"]), per_image, labels, seeds, by_wording)
+    _add_worst_case(summary, n_resamples, seed)
+    return summary
+
+
+def attack_values(doc: dict[str, Any]) -> tuple[str, dict[str, np.ndarray]]:
+    """Which report images an attack document was reported on (its split, data and labels, as one
+    string), and its per-image `WORST_CASE_METRICS` in %."""
+    per = doc["report_per_image"]
+    worst = 100.0 * np.asarray(per["worst_correct"], dtype=np.float64)
+    starts = 100.0 * np.asarray(per["starts_correct"], dtype=np.float64) / per["n_starts"]
+    images = json.dumps({"splits": doc["splits"], "data": doc["run"]["dataset_fingerprint"], "labels": per["labels"]},
+                        sort_keys=True)
+    return images, {"worst_acc": worst, "starts_acc": starts, "worst_gap": starts - worst}
+
+
+def _add_worst_case(summary: GroupSummary, n_resamples: int, seed: int) -> None:
+    """Worst-case cells of the class subsets every seed of the group has an attack of, over seeds
+    like every other cell; per-image tables only when every seed was reported on the same images."""
+    attacks = [summary.group.attacks.get(s) for s in summary.seeds]
+    if not all(attacks):
+        return
+    for subset in [s for s in attacks[0] if all(s in a for a in attacks)]:
+        values = [attack_values(a[subset]) for a in attacks]
+        same = all(v[0] == values[0][0] for v in values)
+        images = {m: np.stack([v[1][m] for v in values]) for m in WORST_CASE_METRICS} if same else {}
+        own = {"worst_acc": "worst_case_acc_ci", "starts_acc": "mean_acc_ci", "worst_gap": "gap_ci"}
+        ci = {m: attacks[0][subset]["summary"][key] for m, key in own.items()}
+        summary.worst_case[subset] = {
+            m: _cell([float(v[1][m].mean()) for v in values], images.get(m),
+                     None if ci[m] is None else [100.0 * c for c in ci[m]], n_resamples, seed)
+            for m in WORST_CASE_METRICS}
+        if same:
+            summary.worst_case_images[subset], summary.worst_case_pairing[subset] = images, values[0][0]
 
 
 def _base_new_cells(per_doc: list[dict[str, float] | None], clean: dict[str, dict[str, Cell]], suffix: str
@@ -212,7 +254,8 @@ def find_reference(summaries: list[GroupSummary], reference: str, dataset: str, 
 
 def compare_to_reference(summaries: list[GroupSummary], reference: str, n_resamples: int = 1000, seed: int = 0
                          ) -> list[Comparison]:
-    """Paired tests of every group against the reference on acc_mean, S(θ), AS and LPR, Holm-corrected.
+    """Paired tests of every group against the reference on acc_mean, S(θ), AS and LPR, and on
+    worst-case accuracy (``worst_acc``) where both sides have attacks, Holm-corrected.
 
     A pair is tested on a subset only when both hold per-image values for the same images (equal
     label vectors) and share at least one seed; otherwise it is listed with a note saying why it
@@ -229,25 +272,43 @@ def compare_to_reference(summaries: list[GroupSummary], reference: str, n_resamp
             metrics = list(CLEAN_METRICS) + [f"{label}/{m}" for label in summary.perturbations.get(subset, {})
                                              for m in PAIRED_PERTURBATION_METRICS]
             a, b = summary.per_image.get(subset), ref.per_image.get(subset)
-            note = ""
-            if a is None or b is None:
-                note = "no per-image values in the result file(s)"
-            elif not np.array_equal(summary.labels[subset], ref.labels[subset]):
-                note = "different test images"
-            elif not shared:
-                note = "no seed in common"
-            elif n_resamples < 1:
-                note = "bootstrap is off"
-            for metric in metrics:
-                if note or metric not in a or metric not in b:
-                    out.append(Comparison(g.label, ref.group.label, g.dataset, subset, metric, None, None, None, False,
-                                          note or "metric missing on one side"))
-                    continue
-                rows_a = a[metric][[summary.seeds.index(s) for s in shared]]
-                rows_b = b[metric][[ref.seeds.index(s) for s in shared]]
-                out.append(_paired(g.label, ref.group.label, g.dataset, subset, metric, rows_a, rows_b, shared,
-                                   n_resamples, seed))
+            same = a is not None and b is not None and np.array_equal(summary.labels[subset], ref.labels[subset])
+            out += _subset_tests(summary, ref, subset, metrics, a, b, same, shared, n_resamples, seed)
+        for subset in summary.worst_case:  # worst-case accuracy: the same tests on the attacks' report images
+            a, b = summary.worst_case_images.get(subset), ref.worst_case_images.get(subset)
+            same = a is not None and b is not None and \
+                summary.worst_case_pairing[subset] == ref.worst_case_pairing.get(subset)
+            out += _subset_tests(summary, ref, subset, PAIRED_WORST_CASE_METRICS, a, b, same, shared, n_resamples,
+                                 seed)
     return apply_holm(out)
+
+
+def _subset_tests(summary: GroupSummary, ref: GroupSummary, subset: str, metrics: list[str] | tuple[str, ...],
+                  a: dict[str, np.ndarray] | None, b: dict[str, np.ndarray] | None, same_images: bool,
+                  shared: list[int], n_resamples: int, seed: int) -> list[Comparison]:
+    """The paired tests of one subset's `metrics` (per-image tables `a` and `b`), or one untested
+    comparison per metric with the reason."""
+    g = summary.group
+    note = ""
+    if a is None or b is None:
+        note = "no per-image values in the result file(s)"
+    elif not same_images:
+        note = "different test images"
+    elif not shared:
+        note = "no seed in common"
+    elif n_resamples < 1:
+        note = "bootstrap is off"
+    out = []
+    for metric in metrics:
+        if note or metric not in a or metric not in b:
+            out.append(Comparison(g.label, ref.group.label, g.dataset, subset, metric, None, None, None, False,
+                                  note or "metric missing on one side"))
+            continue
+        rows_a = a[metric][[summary.seeds.index(s) for s in shared]]
+        rows_b = b[metric][[ref.seeds.index(s) for s in shared]]
+        out.append(_paired(g.label, ref.group.label, g.dataset, subset, metric, rows_a, rows_b, shared,
+                           n_resamples, seed))
+    return out
 
 
 def _paired(group: str, reference: str, dataset: str, subset: str, metric: str, a: np.ndarray, b: np.ndarray,

@@ -10,7 +10,10 @@ import math
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..attack import AttackSettings
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -73,6 +76,7 @@ class Sweep:
     out_of_family: str = "out_of_family"
     method: dict[str, MethodSettings] = field(default_factory=dict)
     resources: dict[str, Any] = field(default_factory=dict)  # submitit parameters of each run (--launcher)
+    attack: AttackSettings | None = None  # worst-case accuracy of every cell (compare/attacks.py)
 
     def settings(self, method: str) -> MethodSettings:
         """The overrides of `method` (none when it has no table)."""
@@ -153,7 +157,7 @@ def build_sweep(values: dict[str, Any]) -> Sweep:
     from ..learners import LEARNERS
     from ..train.method import METHODS, check_method_options
 
-    known = set(_LISTS) | set(_SCALARS) | {"method", "resources"}
+    known = set(_LISTS) | set(_SCALARS) | {"method", "resources", "attack"}
     for key in values:
         if key not in known:
             raise unknown_name_error("sweep key", key, known)
@@ -214,6 +218,10 @@ def build_sweep(values: dict[str, Any]) -> Sweep:
             learner_options=_typed(f"method.{name}.learner_options", table.get("learner_options", {}), dict))
         kwargs["method"][name] = with_preset(settings) if settings.preset else settings
     kwargs["resources"] = _typed("resources", values.get("resources", {}), dict)
+    if "attack" in values:
+        from .attacks import attack_settings
+
+        kwargs["attack"] = attack_settings(values["attack"])
     sweep = Sweep(**kwargs)
     if sweep.epochs < 1 or sweep.shots < 0 or sweep.bootstrap < 0 or sweep.batch_size < 1:
         raise UserError("sweep: epochs and batch_size must be >= 1, shots and bootstrap >= 0")

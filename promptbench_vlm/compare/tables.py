@@ -13,10 +13,13 @@ from rich.table import Table
 from ..wordings import POOLS, split_subset_name, split_wordings, subset_name
 from .grid import RunRecord
 from .sweep import Sweep
-from .stats import CLEAN_METRICS, PERTURBATION_METRICS, Cell, Comparison, GroupSummary
+from .stats import CLEAN_METRICS, PAIRED_WORST_CASE_METRICS, PERTURBATION_METRICS, WORST_CASE_METRICS, Cell, \
+    Comparison, GroupSummary
 
-DIGITS = {"acc_mean": 2, "sensitivity": 4, "AS": 2, "LPR": 2, "JSD": 4, "TS": 4, "base": 2, "new": 2, "H": 2}
-NAMES = {"acc_mean": "acc", "sensitivity": "S(θ)", "AS": "AS", "LPR": "LPR", "JSD": "JSD", "TS": "TS"}
+DIGITS = {"acc_mean": 2, "sensitivity": 4, "AS": 2, "LPR": 2, "JSD": 4, "TS": 4, "base": 2, "new": 2, "H": 2,
+          "worst_acc": 2, "starts_acc": 2, "worst_gap": 2}
+NAMES = {"acc_mean": "acc", "sensitivity": "S(θ)", "AS": "AS", "LPR": "LPR", "JSD": "JSD", "TS": "TS",
+         "worst_acc": "worst-case acc", "starts_acc": "acc (start templates)", "worst_gap": "gap"}
 
 
 @dataclass
@@ -75,6 +78,17 @@ def wording_line(sweep: Sweep) -> str:
             f"out-of-family ({protocol.out_of_family}); docs/wordings.md")
 
 
+def attack_line(records: list[RunRecord]) -> str:
+    """The report's line on the attacks: how many cells were attacked now, reused, or not."""
+    counts: dict[str, int] = {}
+    for r in records:
+        if r.attack is not None:
+            status = r.attack.partition(":")[0]
+            counts[status] = counts.get(status, 0) + 1
+    return ("attack (worst-case accuracy): " + ", ".join(f"{n} {status}" for status, n in counts.items())
+            if counts else "attack (worst-case accuracy): no finished cell to attack")
+
+
 def headline_table(summaries: list[GroupSummary]) -> TextTable:
     """One row per method/learner/dataset: base, new and H (or accuracy per subset) and S(θ); under
     the wording protocol, the seen / held-out / out-of-family table (`wording_table`)."""
@@ -96,6 +110,26 @@ def headline_table(summaries: list[GroupSummary]) -> TextTable:
         rows.append([g.method, g.learner, g.dataset, ",".join(map(str, sorted(g.docs)))] + accs + sens)
     return TextTable("accuracy (%) and sensitivity S(θ): mean ± std over seeds [95% CI over seeds x images]",
                      header, rows)
+
+
+def worst_case_table(summaries: list[GroupSummary], sweep: Sweep | None = None) -> TextTable | None:
+    """Per group and class subset: accuracy over the start templates, worst-case accuracy and their
+    gap, all on the attacks' report images (None when no group has an attack)."""
+    rows = []
+    for s in summaries:
+        g = s.group
+        for subset, cells in s.worst_case.items():
+            rows.append([g.method, g.learner, g.dataset, ",".join(map(str, sorted(g.docs))), subset]
+                        + [fmt_cell(cells.get(m), DIGITS[m]) for m in WORST_CASE_METRICS])
+    if not rows:
+        return None
+    settings = sweep.attack if sweep is not None else None
+    how = (f"budget {settings.budget} wordings, beam {settings.beam}, at most {settings.max_edits} edits, "
+           f"objective {settings.objective}, search on {settings.search_split}; ") if settings else ""
+    return TextTable(f"worst-case accuracy (%) over meaning-preserving wordings ({how}report images the search "
+                     "never saw; docs/attack.md): mean ± std over seeds [95% CI over seeds x report images]",
+                     ["method", "learner", "dataset", "seeds", "classes", "acc, start templates", "worst-case acc",
+                      "gap"], rows)
 
 
 def perturbation_tables(summaries: list[GroupSummary]) -> list[TextTable]:
@@ -129,7 +163,7 @@ def paired_table(comparisons: list[Comparison], clean_only: bool = False) -> Tex
     seed-level t-test beside it, the raw and Holm-adjusted p, and whether it survives Holm."""
     rows = []
     for c in comparisons:
-        if clean_only and c.metric not in CLEAN_METRICS:
+        if clean_only and c.metric not in (*CLEAN_METRICS, *PAIRED_WORST_CASE_METRICS):
             continue
         name, digits = _metric_name(c.metric)
         if c.diff is None:
@@ -165,6 +199,8 @@ def runs_table(records: list[RunRecord]) -> TextTable:
     """The runs that did not finish, with their error: what the summary must not hide."""
     rows = [[r.method, r.learner, r.dataset, str(r.seed), r.status, r.error or ""]
             for r in records if r.status not in ("done", "existing")]
+    rows += [[r.method, r.learner, r.dataset, str(r.seed), f"attack {r.attack.partition(':')[0]}",
+              r.attack.partition(": ")[2]] for r in records if r.attack not in (None, "done", "existing")]
     return TextTable("runs that did not finish", ["method", "learner", "dataset", "seed", "status", "error"], rows)
 
 
