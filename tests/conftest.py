@@ -86,6 +86,19 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str, code
         assert needle.lower() in lines[0].lower(), (needle, lines[0])
 
 
+def schema_property_names(schema) -> set[str]:
+    """Every property name a JSON Schema declares, at any depth (for the docs-describe-every-field tests)."""
+    names: set[str] = set()
+    if isinstance(schema, dict):
+        names |= set(schema.get("properties", {}))
+        for value in schema.values():
+            names |= schema_property_names(value)
+    elif isinstance(schema, list):
+        for value in schema:
+            names |= schema_property_names(value)
+    return names
+
+
 class ColourDataset(ImageDataset):
     """In-memory dataset of colour classes; `corrupt` indices raise CorruptImageError."""
 

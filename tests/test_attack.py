@@ -4,15 +4,19 @@ search and report images disjoint, the command end to end."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
+from pathlib import Path
 
+import jsonschema
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import COLOURS, TINY_CONFIG, ColourDataset, colour_image, assert_one_line_error, run_console
-from promptbench_vlm.attack import (AttackSettings, grammatical, neighbours, run_attack, stratified_halves,
-                                    word_distance)
+from conftest import (COLOURS, TINY_CONFIG, ColourDataset, assert_one_line_error, colour_image, run_console,
+                      schema_property_names)
+from promptbench_vlm.attack import (ATTACK_SCHEMA_FILE, AttackSettings, attack_schema, grammatical, neighbours,
+                                    read_attack, run_attack, stratified_halves, word_distance)
 from promptbench_vlm.errors import UserError
 from promptbench_vlm.evaluation import EvalRequest
 from promptbench_vlm.learners import build_learner
@@ -179,3 +183,37 @@ def test_bad_attack_requests_fail_before_any_model_loads(req, settings, needle, 
         run_attack(request(**req), AttackSettings(**settings))
     with pytest.raises(UserError, match="did you mean|Valid"):
         AttackSettings(objective="acc")
+
+
+DOCS = Path(__file__).parent.parent / "docs"
+
+
+@pytest.mark.parametrize("settings, bootstrap", [({}, 20), ({"objective": "sensitivity", "max_edits": 1}, 0)])
+def test_attack_results_validate_against_the_shipped_schema(zeroshot, tmp_path, settings, bootstrap):
+    jsonschema.Draft202012Validator.check_schema(attack_schema())
+    attack = run_attack(replace(request(bootstrap=bootstrap), output=str(tmp_path / "a.json")),
+                        AttackSettings(budget=6, beam=2, **settings), learner=zeroshot,
+                        dataset=ColourDataset(per_class=4), templates=STARTS)
+    doc = read_attack(attack.path)  # checked against the schema on reading
+    assert doc == json.loads(json.dumps(attack.doc))
+    assert (doc["summary"]["gap_ci"] is None) == (bootstrap == 0)
+    doc["summary"]["worst_case_acc"] = 1.5
+    del doc["counts"]["texts_encoded"]
+    (tmp_path / "bad.json").write_text(json.dumps(doc))
+    with pytest.raises(UserError, match=r"not a valid attack result at /counts: 'texts_encoded' is a required "
+                                        r"property \(and 1 more\)"):
+        read_attack(tmp_path / "bad.json")
+    (tmp_path / "other.json").write_text(json.dumps({"schema": "promptbench_vlm/result"}))
+    with pytest.raises(UserError, match="not a promptbench_vlm attack result"):
+        read_attack(tmp_path / "other.json")
+
+
+def test_docs_describe_every_field_of_the_attack_schema():
+    attack_doc = (DOCS / "attack.md").read_text(encoding="utf-8")
+    text = attack_doc + (DOCS / "results.md").read_text(encoding="utf-8")  # the shared run block is described there
+    assert f"`{ATTACK_SCHEMA_FILE.name}`" in attack_doc and "attack.schema.json" in (DOCS / "results.md").read_text()
+    names = schema_property_names(attack_schema())
+    assert not sorted(n for n in names if f"`{n}`" not in text), "docs/attack.md does not describe them"
+    run_only = set(attack_schema()["$defs"]["run"]["properties"]) - {"attack"}
+    assert not sorted(n for n in names - run_only if f"`{n}`" not in attack_doc)
+

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-from conftest import TINY_CONFIG, assert_one_line_error, run_cli, run_console, write_train_test_folders
+from conftest import (TINY_CONFIG, assert_one_line_error, run_cli, run_console, schema_property_names,
+                      write_train_test_folders)
 from rich.console import Console
 
 from promptbench_vlm.compare.stats import Group, summarise
@@ -126,17 +127,6 @@ def test_a_file_that_departs_from_the_schema_is_one_line(produced, tmp_path):
 def test_docs_describe_every_field_of_the_schema():
     text = DOCS.read_text(encoding="utf-8")
     assert f"`{SCHEMA_FILE.name}`" in text
-    missing = sorted(name for name in _property_names(result_schema()) if f"`{name}`" not in text)
+    missing = sorted(name for name in schema_property_names(result_schema()) if f"`{name}`" not in text)
     assert not missing, f"docs/results.md does not describe {missing}"
 
-
-def _property_names(schema) -> set[str]:
-    names: set[str] = set()
-    if isinstance(schema, dict):
-        names |= set(schema.get("properties", {}))
-        for value in schema.values():
-            names |= _property_names(value)
-    elif isinstance(schema, list):
-        for value in schema:
-            names |= _property_names(value)
-    return names
