@@ -22,25 +22,15 @@ ATTACK = "attack = { budget = 8, beam = 2, max_edits = 2 }"
 
 
 def sweep_file(tmp_path: Path, data: Path, extra: str = "") -> Path:
+    """A two-seed zeroshot + erm/coop sweep on the tiny model, as TOML (JSON scalars and lists are
+    TOML too), with `extra` lines (the attack table) added."""
     (tmp_path / "t.txt").write_text("\n".join(TEMPLATES) + "\n")
-    path = tmp_path / f"sweep{abs(hash(extra))}.toml"
-    path.write_text(f"""
-methods = ["zeroshot", "erm"]
-learners = ["coop"]
-datasets = ["folder:{data}"]
-seeds = [1, 2]
-shots = 2
-epochs = 1
-batch_size = 4
-lr = 0.02
-templates = "{tmp_path / 't.txt'}"
-perturb = "drop:strong"
-bootstrap = 50
-model = "{TINY_CONFIG}"
-device = "cpu"
-output = "{tmp_path / 'out'}"
-{extra}
-""")
+    values = {"methods": ["zeroshot", "erm"], "learners": ["coop"], "datasets": [f"folder:{data}"], "seeds": [1, 2],
+              "shots": 2, "epochs": 1, "batch_size": 4, "lr": 0.02, "templates": str(tmp_path / "t.txt"),
+              "perturb": "drop:strong", "bootstrap": 50, "model": str(TINY_CONFIG), "device": "cpu",
+              "output": str(tmp_path / "out")}
+    path = tmp_path / f"sweep{len(list(tmp_path.glob('sweep*.toml')))}.toml"
+    path.write_text("\n".join(f"{key} = {json.dumps(value)}" for key, value in values.items()) + f"\n{extra}\n")
     return path
 
 
