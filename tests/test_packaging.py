@@ -39,6 +39,6 @@ def test_wheel_ships_license_type_marker_and_result_schema(tmp_path):
     (wheel,) = tmp_path.glob("promptbench_vlm-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "promptbench_vlm/py.typed" in names
-    assert "promptbench_vlm/schemas/result.schema.json" in names
+    assert {"promptbench_vlm/schemas/result.schema.json", "promptbench_vlm/schemas/attack.schema.json"} <= set(names)
     license_file = next(n for n in names if n.endswith("/LICENSE"))
     assert "MIT License" in zipfile.ZipFile(wheel).read(license_file).decode()
