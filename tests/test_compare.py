@@ -67,6 +67,21 @@ def test_example_sweep_parses_and_plans_every_method(tmp_path):
     assert all(f"{r.method}/{r.learner}" not in left_out for r in runs)
 
 
+def test_the_mmrl_sweep_reuses_the_ladders_maple_runs():
+    """mmrl_toy.toml writes into the ladder's folder with the ladder's settings, so --skip-existing
+    reuses the MaPLe cells both sweeps plan (their train requests are equal) and trains only MMRL's."""
+    from promptbench_vlm.compare.grid import run_folder, train_request
+
+    ladder, mmrl = (build_sweep(read_sweep_file(p)) for p in (LADDER, EXAMPLE.with_name("mmrl_toy.toml")))
+    ladder_runs = {(r.method, r.learner, r.seed): r for r in plan(ladder)[0]}
+    shared = [r for r in plan(mmrl)[0] if (r.method, r.learner, r.seed) in ladder_runs]
+    assert {(r.method, r.learner) for r in shared} == {("erm", "maple"), ("erm-multi", "maple"), ("promise", "maple")}
+    for run in shared:
+        twin = ladder_runs[(run.method, run.learner, run.seed)]
+        assert run_folder(mmrl, run) == run_folder(ladder, twin)
+        assert train_request(mmrl, run, run_folder(mmrl, run)) == train_request(ladder, twin, run_folder(ladder, twin))
+
+
 def test_the_promise_ladder_runs_each_rung_as_promise_against_the_multi_template_control():
     sweep = build_sweep(read_sweep_file(LADDER))
     runs, left_out = plan(sweep)
