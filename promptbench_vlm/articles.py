@@ -8,6 +8,7 @@ the articles whose next word an edit changed. The rule follows the sound, not th
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 
@@ -51,6 +52,7 @@ def wants_an(word: str) -> bool | None:
     return head.lower() in "aeiou"
 
 
+@functools.lru_cache(maxsize=65536)  # a prompt table asks about the same few pairs again and again
 def agree(article: str, next_word: str) -> str:
     """`article` ("a"/"an" in any case) made to agree with `next_word`, keeping its capital."""
     an = wants_an(next_word)

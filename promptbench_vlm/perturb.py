@@ -11,11 +11,13 @@ identity. Articles an edit leaves in front of a new word are made to agree ("an 
 
 from __future__ import annotations
 
+import _random
 import functools
 import hashlib
 import json
 import random
 import re
+import threading
 from collections import Counter
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -150,6 +152,9 @@ class Lexicon:
     noise_phrases: Mapping[str, tuple[str, ...]]
     mask_token: str = "[MASK]"
     _max_words: int = field(init=False, repr=False, compare=False)
+    # What the ops find in a template's words under this lexicon (candidates, synonym parts), per
+    # `_Frame`: the same for every class name, so a prompt table looks it up once per template.
+    _memo: dict[_Frame, dict[str, object]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # The longest entry in words bounds the greedy phrase match.
@@ -255,6 +260,37 @@ def fill_template(template: str, classname: str) -> tuple[str, tuple[int, int]]:
     return template[:start] + classname + template[start + 2 :], (start, start + len(classname))
 
 
+class _Frame:
+    """A prompt's split around its class name, which depends only on the text before and after it.
+
+    The class unit is ``glue_left + class name + glue_right`` (the words touching the name); the
+    other units, the final punctuation and the lead are the template's. One object per distinct
+    (before, after) pair (`_frame` is cached), so it serves as an identity key of `Lexicon._memo`.
+    """
+
+    __slots__ = ("before", "after", "glue_left", "glue_right", "tail")
+
+    def __init__(self, before: list[str], after: list[str], glue_left: str, glue_right: str, tail: str):
+        self.before, self.after, self.glue_left, self.glue_right, self.tail = before, after, glue_left, glue_right, tail
+
+
+@functools.lru_cache(maxsize=4096)
+def _frame(pre: str, post: str) -> _Frame:
+    """The `_Frame` of a prompt ``pre + class name + post``: where the class unit starts and ends,
+    and where the final punctuation begins, are decided by `pre` and `post` alone (the walks from
+    the class span outwards never enter it; trailing blanks end the body at the name at most)."""
+    body_end = len(post.rstrip())
+    stop = body_end
+    while stop > 0 and post[stop - 1] in _FINAL_PUNCT:
+        stop -= 1
+    first, last = len(pre), 0
+    while first > 0 and not pre[first - 1].isspace():
+        first -= 1
+    while last < stop and not post[last].isspace():
+        last += 1
+    return _Frame(pre[:first].split(), post[last:stop].split(), pre[first:], post[:last], post[stop:body_end])
+
+
 class PromptUnits(NamedTuple):
     """A prompt split into word units.
 
@@ -273,20 +309,17 @@ class PromptUnits(NamedTuple):
 
 def split_prompt(text: str, class_span: tuple[int, int]) -> PromptUnits:
     """Split `text` into units, the class span and the words touching it forming one unit."""
+    return _split(text, class_span)[0]
+
+
+def _split(text: str, class_span: tuple[int, int]) -> tuple[PromptUnits, _Frame]:
+    """`split_prompt`, and the frame the units come from."""
     start, end = class_span
     if not 0 <= start < end <= len(text):
         raise ValueError(f"class span {class_span} is not a non-empty span of {text!r}")
-    body_end = max(len(text.rstrip()), end)
-    stop = body_end
-    while stop > end and text[stop - 1] in _FINAL_PUNCT:
-        stop -= 1
-    first, last = start, end
-    while first > 0 and not text[first - 1].isspace():
-        first -= 1
-    while last < stop and not text[last].isspace():
-        last += 1
-    before, after = text[:first].split(), text[last:stop].split()
-    return PromptUnits([*before, text[first:last], *after], len(before), text[stop:body_end], start - first)
+    frame = _frame(text[:start], text[end:])
+    unit = frame.glue_left + text[start:end] + frame.glue_right
+    return PromptUnits([*frame.before, unit, *frame.after], len(frame.before), frame.tail, len(frame.glue_left)), frame
 
 
 def _lexicon_key(words: Sequence[str]) -> str:
@@ -321,6 +354,7 @@ def _match_length(units: Sequence[str], i: int, protected: int, lexicon: Lexicon
     return 0
 
 
+@functools.lru_cache(maxsize=4096)
 def edit_count(op: str, amount: Amount, room: int) -> int:
     """How many edits `op` makes at `amount` on a prompt with `room` candidates.
 
@@ -355,38 +389,69 @@ class Edited(NamedTuple):
     edits: int
 
 
-def _synonym_for(words: str, lexicon: Lexicon, rng: random.Random) -> str:
-    """A random synonym of `words`, keeping its outer punctuation and initial capital."""
+# `random.Random` draws an integer below n as getrandbits(n.bit_length()) until it is below n.
+_RANDBELOW_BY_BITS = random.Random._randbelow is random.Random._randbelow_with_getrandbits
+
+
+def _sample(rng: random.Random, population: Sequence, k: int) -> list:
+    """``rng.sample(population, k)``: the same draws and result, without its set-up and calls on
+    the small populations of a prompt (the pool branch `random.Random.sample` takes for up to 21
+    items, with its `_randbelow` written out)."""
+    n = len(population)
+    if n > 21 or not 0 <= k <= n or not _RANDBELOW_BY_BITS:
+        return rng.sample(population, k)
+    getrandbits, pool, result = rng.getrandbits, list(population), [None] * k
+    for i in range(k):
+        below = n - i
+        bits = below.bit_length()
+        j = getrandbits(bits)
+        while j >= below:
+            j = getrandbits(bits)
+        result[i] = pool[j]
+        pool[j] = pool[n - i - 1]
+    return result
+
+
+def _synonym_parts(words: str, lexicon: Lexicon) -> tuple[str, tuple[str, ...], bool, str]:
+    """What a replacement of `words` keeps: outer punctuation, the synonyms of its core, and
+    whether the core starts with a capital."""
     lead, core, trail = _EDGE_PUNCT.match(words).groups()
-    choice = rng.choice(lexicon.synonyms[core.lower()])
-    if core[:1].isupper():
-        choice = choice[:1].upper() + choice[1:]
-    return lead + choice + trail
+    return lead, lexicon.synonyms[core.lower()], core[:1].isupper(), trail
 
 
-def _op_synonym(p: PromptUnits, amount: Amount, rng: random.Random, lexicon: Lexicon) -> Edited:
-    """Replace k lexicon candidates (words or phrases) with one of their synonyms."""
-    spans = synonym_candidates(p.units, p.cls, lexicon)
-    chosen = sorted(rng.sample(spans, edit_count("synonym", amount, len(spans))), reverse=True)
+def _op_synonym(p: PromptUnits, amount: Amount, rng: random.Random, lexicon: Lexicon, memo: dict) -> Edited:
+    """Replace k lexicon candidates (words or phrases) with one of their synonyms, keeping each
+    one's outer punctuation and initial capital."""
+    if "synonym" not in memo:  # spans never touch the class unit: the template's words decide them
+        spans = synonym_candidates(p.units, p.cls, lexicon)
+        memo["synonym"] = spans, {(a, b): _synonym_parts(" ".join(p.units[a:b]), lexicon) for a, b in spans}
+    spans, parts = memo["synonym"]
+    chosen = sorted(_sample(rng, spans, edit_count("synonym", amount, len(spans))), reverse=True)
     units, cls = list(p.units), p.cls
     for start, stop in chosen:
-        units[start:stop] = [_synonym_for(" ".join(units[start:stop]), lexicon, rng)]
+        lead, options, capital, trail = parts[start, stop]
+        choice = rng.choice(options)
+        if capital:
+            choice = choice[:1].upper() + choice[1:]
+        units[start:stop] = [lead + choice + trail]
         if stop <= cls:
             cls -= stop - start - 1
     return Edited(units, cls, len(chosen))
 
 
-def _op_mask(p: PromptUnits, amount: Amount, rng: random.Random, lexicon: Lexicon) -> Edited:
+def _op_mask(p: PromptUnits, amount: Amount, rng: random.Random, lexicon: Lexicon, memo: dict) -> Edited:
     """Replace k non-class units (not already the mask token) with the mask token."""
-    others = [i for i, unit in enumerate(p.units) if i != p.cls and unit != lexicon.mask_token]
-    chosen = set(rng.sample(others, edit_count("mask", amount, len(others))))
+    if "mask" not in memo:
+        memo["mask"] = [i for i, unit in enumerate(p.units) if i != p.cls and unit != lexicon.mask_token]
+    others = memo["mask"]
+    chosen = set(_sample(rng, others, edit_count("mask", amount, len(others))))
     return Edited([lexicon.mask_token if i in chosen else u for i, u in enumerate(p.units)], p.cls, len(chosen))
 
 
-def _op_drop(p: PromptUnits, amount: Amount, rng: random.Random, lexicon: Lexicon) -> Edited:
+def _op_drop(p: PromptUnits, amount: Amount, rng: random.Random, lexicon: Lexicon, memo: dict) -> Edited:
     """Delete k non-class units."""
     others = [i for i in range(len(p.units)) if i != p.cls]
-    chosen = set(rng.sample(others, edit_count("drop", amount, len(others))))
+    chosen = set(_sample(rng, others, edit_count("drop", amount, len(others))))
     cls = p.cls - sum(1 for i in chosen if i < p.cls)
     return Edited([u for i, u in enumerate(p.units) if i not in chosen], cls, len(chosen))
 
@@ -402,8 +467,12 @@ def most_movable(units: Sequence[str]) -> int:
 
     Repeated words ("a ... a") limit the count: no text may fill more than half the moved places.
     """
-    counts = Counter(units).values()
-    return next((m for m in range(len(units), 1, -1) if _can_move(counts, m)), 0)
+    return _most_movable(Counter(units).values())
+
+
+def _most_movable(counts: Collection[int]) -> int:
+    """`most_movable` of units whose texts occur `counts` times."""
+    return next((m for m in range(sum(counts), 1, -1) if _can_move(counts, m)), 0)
 
 
 def _rearrangement(units: Sequence[str], k: int, rng: random.Random) -> list[int]:
@@ -414,7 +483,7 @@ def _rearrangement(units: Sequence[str], k: int, rng: random.Random) -> list[int
     else a rotation of the positions grouped by text by the largest group's size.
     """
     cap, taken, chosen = k // 2, Counter(), []
-    for i in rng.sample(range(len(units)), len(units)):
+    for i in _sample(rng, range(len(units)), len(units)):
         if taken[units[i]] < cap:
             taken[units[i]] += 1
             chosen.append(i)
@@ -422,7 +491,7 @@ def _rearrangement(units: Sequence[str], k: int, rng: random.Random) -> list[int
                 break
     chosen.sort()
     for _ in range(_PERMUTATION_DRAWS):
-        sources = rng.sample(chosen, k)
+        sources = _sample(rng, chosen, k)
         if all(units[s] != units[c] for c, s in zip(chosen, sources)):
             break
     else:
@@ -440,16 +509,27 @@ _PERMUTATION_DRAWS = 20
 _SHUFFLE_DRAWS = 5
 
 
-def _op_shuffle(p: PromptUnits, amount: Amount, rng: random.Random, lexicon: Lexicon) -> Edited:
+def _moved_count(counts: Collection[int], amount: Amount) -> int:
+    """How many units a shuffle at `amount` moves, given how often each unit text occurs."""
+    k = edit_count("shuffle", amount, _most_movable(counts))
+    while k and not _can_move(counts, k):  # two texts only ("a b a b"): an odd count cannot all move
+        k += 1  # `room` itself can, so this stops there at the latest
+    return k
+
+
+def _op_shuffle(p: PromptUnits, amount: Amount, rng: random.Random, lexicon: Lexicon, memo: dict) -> Edited:
     """Move k units (the class unit included, as one block) so that each lands where another
     text stood: moves never cancel, so the prompt always changes when two units can move."""
-    room = most_movable(p.units)
-    k = edit_count("shuffle", amount, room)
+    if "shuffle" not in memo:  # the template's unit texts, counted
+        memo["shuffle"] = Counter(p.units[: p.cls] + p.units[p.cls + 1 :])
+    if p.units[p.cls] in memo["shuffle"]:  # the class unit repeats a template word: count it in
+        k = _moved_count(Counter(p.units).values(), amount)
+    elif (found := memo.get(("shuffle", amount))) is not None:
+        k = found
+    else:  # a class unit of its own: the same count for every class name
+        k = memo["shuffle", amount] = _moved_count([*memo["shuffle"].values(), 1], amount)
     if k == 0:
         return Edited(list(p.units), p.cls, 0)
-    counts = Counter(p.units).values()
-    while not _can_move(counts, k):  # two texts only ("a b a b"): an odd count cannot all move
-        k += 1  # `room` itself can, so this stops there at the latest
     original = " ".join(p.units)
     for _ in range(_SHUFFLE_DRAWS):
         order = _rearrangement(p.units, k, rng)
@@ -466,25 +546,21 @@ def _op_shuffle(p: PromptUnits, amount: Amount, rng: random.Random, lexicon: Lex
     return Edited(list(p.units), p.cls, 0)
 
 
-def _op_context(p: PromptUnits, amount: Amount, rng: random.Random, lexicon: Lexicon) -> Edited:
+def _op_context(p: PromptUnits, amount: Amount, rng: random.Random, lexicon: Lexicon, memo: dict) -> Edited:
     """Insert k mild phrases, each from another group, right after the class unit or at the end."""
     groups = list(lexicon.noise_phrases.values())
-    phrases = [rng.choice(group) for group in rng.sample(groups, edit_count("context", amount, len(groups)))]
+    phrases = [rng.choice(group) for group in _sample(rng, groups, edit_count("context", amount, len(groups)))]
     slots = sorted({p.cls + 1, len(p.units)})
     placed: dict[int, list[str]] = {slot: [] for slot in slots}
     for phrase in phrases:
         placed[rng.choice(slots)].append(phrase)
-    units: list[str] = []
-    cls = p.cls
-    for i in range(len(p.units) + 1):
-        units += placed.get(i, [])
-        if i < len(p.units):
-            cls = len(units) if i == p.cls else cls
-            units.append(p.units[i])
-    return Edited(units, cls, len(phrases))
+    units = list(p.units)
+    for slot in reversed(slots):  # every slot lies after the class unit: its index stays
+        units[slot:slot] = placed[slot]
+    return Edited(units, p.cls, len(phrases))
 
 
-_OP_FUNCS: dict[str, Callable[[PromptUnits, Amount, random.Random, Lexicon], Edited]] = {
+_OP_FUNCS: dict[str, Callable[[PromptUnits, Amount, random.Random, Lexicon, dict], Edited]] = {
     "synonym": _op_synonym,
     "mask": _op_mask,
     "shuffle": _op_shuffle,
@@ -493,39 +569,76 @@ _OP_FUNCS: dict[str, Callable[[PromptUnits, Amount, random.Random, Lexicon], Edi
 }
 
 
-def _words(units: Sequence[str], cls: int) -> list[str]:
-    """`units` as words, the class unit kept whole (its own words are not the op's to touch)."""
-    return [w for i, unit in enumerate(units) for w in ([unit] if i == cls else unit.split())]
+def _words(units: Sequence[str], cls: int) -> tuple[list[str], int]:
+    """`units` as words, the class unit kept whole (its own words are not the op's to touch), and
+    the index of the class unit among them."""
+    words: list[str] = []
+    for unit in units[:cls]:
+        words += unit.split()
+    at = len(words)
+    words.append(units[cls])
+    for unit in units[cls + 1 :]:
+        words += unit.split()
+    return words, at
 
 
 _ARTICLE_FORMS = frozenset(form for a in ARTICLES for form in (a, a.capitalize(), a.upper()))
 
 
-def _agreeing_words(before: PromptUnits, after: Edited) -> tuple[list[str], int]:
+def _article_pairs(words: Sequence[str]) -> set[tuple[str, str]]:
+    """(article in lower case, next word) of every article in `words`."""
+    return {(a.lower(), b) for a, b in zip(words, words[1:]) if a in _ARTICLE_FORMS}
+
+
+def _agreeing_words(before: PromptUnits, after: Edited,
+                    old_pairs: Callable[[], set[tuple[str, str]]] | None = None) -> tuple[list[str], int]:
     """The edited prompt's words with every "a"/"an" that now precedes a word it did not precede
     before made to agree with it; also the index of the class unit among the words.
 
     Pairs the template already had ("a origami {}") are left as they are: they are the
-    template's wording, not the op's.
+    template's wording, not the op's. `old_pairs`, when given, returns those pairs of `before`
+    (`perturb` takes most of them from its template memo).
     """
-    words = _words(after.units, after.cls)
-    cls = sum(len(u.split()) for u in after.units[: after.cls])
-    old_pairs: set[tuple[str, str]] | None = None  # built only for a prompt that has an article
+    words, cls = _words(after.units, after.cls)
+    if _ARTICLE_FORMS.isdisjoint(words):
+        return words, cls
+    pairs: set[tuple[str, str]] | None = None  # built only for a prompt that has an article
     for j in reversed(range(len(words) - 1)):  # right to left: a word is final before its article is chosen
         if j != cls and words[j] in _ARTICLE_FORMS:
-            if old_pairs is None:
-                old = _words(before.units, before.cls)
-                old_pairs = {(a.lower(), b) for a, b in zip(old, old[1:]) if a in _ARTICLE_FORMS}
-            if (words[j].lower(), words[j + 1]) not in old_pairs:
+            if pairs is None:
+                pairs = old_pairs() if old_pairs is not None else _article_pairs(_words(before.units, before.cls)[0])
+            if (words[j].lower(), words[j + 1]) not in pairs:
                 words[j] = agree(words[j], words[j + 1])
     return words, cls
 
 
+def _frame_pairs(p: PromptUnits, memo: dict) -> set[tuple[str, str]]:
+    """`_article_pairs` of a split prompt's words: the pairs away from the class unit come from the
+    template memo (the template's units are single words), the at most two touching it are added."""
+    if "pairs" not in memo:
+        memo["pairs"] = _article_pairs(p.units[: p.cls]) | _article_pairs(p.units[p.cls + 1 :])
+    near = p.units[max(p.cls - 1, 0) : p.cls + 2]
+    touching = _article_pairs(near)
+    return memo["pairs"] | touching if touching else memo["pairs"]
+
+
+_MEMO_FRAMES = 4096  # templates a lexicon remembers its findings for (a prompt table has 60)
+_GENERATORS = threading.local()  # one reseeded generator per thread: seeding is a perturbation's largest cost
+
+
 def _rng(text: str, class_span: tuple[int, int], op: str, amount: Amount, seed: int) -> random.Random:
-    """A generator seeded by a SHA-256 of the arguments: stable across processes (no salted hash)."""
+    """A generator seeded by a SHA-256 of the arguments: stable across processes (no salted hash).
+
+    The thread's generator is reseeded in place (the C seeding `random.Random(n)` runs, without
+    building a new object); it is valid until the thread's next call.
+    """
     how = amount if isinstance(amount, str) else float(amount)
     key = repr((text, int(class_span[0]), int(class_span[1]), op, how, int(seed)))
-    return random.Random(int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big"))
+    rng = getattr(_GENERATORS, "rng", None)
+    if rng is None:
+        rng = _GENERATORS.rng = random.Random(0)
+    _random.Random.seed(rng, int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big"))
+    return rng
 
 
 class Perturbed(NamedTuple):
@@ -560,16 +673,20 @@ def perturb(
         UserError: an unknown op or level, or a rate outside [0, 1].
     """
     _check_op_amount(op, rate)
-    prompt = split_prompt(text, class_span)
+    prompt, frame = _split(text, class_span)
     if lexicon is None:
         lexicon = load_lexicon()
-    edited = _OP_FUNCS[op](prompt, rate, _rng(text, class_span, op, rate, seed), lexicon)
-    unchanged = Perturbed(text, 0, (int(class_span[0]), int(class_span[1])))
+    memo = lexicon._memo.get(frame)
+    if memo is None:
+        memo = {}
+        if len(lexicon._memo) < _MEMO_FRAMES:
+            lexicon._memo[frame] = memo
+    edited = _OP_FUNCS[op](prompt, rate, _rng(text, class_span, op, rate, seed), lexicon, memo)
     if edited.edits == 0:
-        return unchanged
-    words, cls = _agreeing_words(prompt, edited)
+        return Perturbed(text, 0, (int(class_span[0]), int(class_span[1])))
+    words, cls = _agreeing_words(prompt, edited, lambda: _frame_pairs(prompt, memo))
     new_text = " ".join(words) + prompt.tail
     if new_text == text:
-        return unchanged
+        return Perturbed(text, 0, (int(class_span[0]), int(class_span[1])))
     start = len(" ".join(words[:cls])) + (1 if cls else 0) + prompt.lead
     return Perturbed(new_text, edited.edits, (start, start + class_span[1] - class_span[0]))
