@@ -309,11 +309,30 @@ class TemplateScores:
 def js_divergence(logits: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """Jensen-Shannon divergence (nats, in [0, ln 2]) of softmax(`logits`) and softmax(`reference`)
     over the last axis: the logit-level companion of LPR (docs/metrics.md, ``JSD``)."""
-    logp, logq = logits.log_softmax(-1), reference.log_softmax(-1)
-    logm = torch.logaddexp(logp, logq) - np.log(2.0)
-    kl_p = (logp.exp() * (logp - logm)).sum(-1)
-    kl_q = (logq.exp() * (logq - logm)).sum(-1)
-    return (0.5 * (kl_p + kl_q)).clamp_min(0.0)
+    logq = reference.log_softmax(-1)
+    return _js_from_reference(logits, logq, logq.exp())
+
+
+def _js_from_reference(logits: torch.Tensor, logq: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """`js_divergence` with the reference's log-probabilities and probabilities given, so that
+    the perturbations of one clean set share them."""
+    logp = logits.log_softmax(-1)
+    logm = torch.logaddexp(logp, logq).sub_(np.log(2.0))
+    kl_p = torch.sub(logp, logm).mul_(logp.exp()).sum(-1)
+    kl_q = torch.sub(logq, logm).mul_(q).sum(-1)
+    return kl_p.add_(kl_q).mul_(0.5).clamp_min_(0.0)
+
+
+def _blocks(n_images: int, n_sets: int, n_classes: int) -> tuple[int, int]:
+    """Images and class-feature sets per logits block, at most `LOGIT_BLOCK_ELEMENTS` floats."""
+    img_block = max(1, min(n_images, LOGIT_BLOCK_ELEMENTS // max(1, n_classes)))
+    return img_block, max(1, LOGIT_BLOCK_ELEMENTS // (img_block * n_classes))
+
+
+def _cosines(v: torch.Tensor, class_feats: torch.Tensor) -> torch.Tensor:
+    """``[b, n, C]`` cosines of images `v` ``[n, D]`` and class features ``[b, C, D]``, contiguous:
+    einsum returns a permuted view, over which the per-class reductions run at half speed."""
+    return torch.einsum("nd,bcd->bnc", v, class_feats).contiguous()
 
 
 @torch.inference_mode()
@@ -327,29 +346,48 @@ def score_templates(
     also the JS divergence of each set's class distribution from its reference's, per image.
     """
     n_sets, n_classes, _ = class_feats.shape
+    return score_sharing_reference(image_feats, labels, [lambda a, b: class_feats[a:b]], n_sets, n_classes,
+                                   logit_scale, reference)[0]
+
+
+ClassSets = Callable[[int, int], torch.Tensor]
+"""``sets(a, b)``: the class features ``[b - a, C, D]`` of sets a to b of one scoring."""
+
+
+@torch.inference_mode()
+def score_sharing_reference(
+    image_feats: torch.Tensor, labels: torch.Tensor, scorings: Sequence[ClassSets], n_sets: int, n_classes: int,
+    logit_scale: float, reference: torch.Tensor | None = None,
+) -> list[TemplateScores]:
+    """`score_templates` of several scorings of `n_sets` class-feature sets each, against one
+    `reference`: each block of reference logits (and its softmax) is computed once for all of
+    them. Class features are fetched a block at a time, so memory stays at one block's."""
     n_images = image_feats.shape[0]
-    img_block = max(1, min(n_images, LOGIT_BLOCK_ELEMENTS // max(1, n_classes)))
-    set_block = max(1, LOGIT_BLOCK_ELEMENTS // (img_block * n_classes))
-    pred = torch.empty(n_sets, n_images, dtype=torch.long)
-    p_true = torch.empty(n_sets, n_images)
-    cos_true = torch.empty(n_sets, n_images)
-    divergence = torch.empty(n_sets, n_images) if reference is not None else None
+    img_block, set_block = _blocks(n_images, n_sets, n_classes)
+    pred = [torch.empty(n_sets, n_images, dtype=torch.long) for _ in scorings]
+    p_true = [torch.empty(n_sets, n_images) for _ in scorings]
+    cos_true = [torch.empty(n_sets, n_images) for _ in scorings]
+    divergence = [torch.empty(n_sets, n_images) for _ in scorings] if reference is not None else None
     for i0 in range(0, n_images, img_block):
         v = image_feats[i0 : i0 + img_block]
         y = labels[i0 : i0 + img_block]
         for s0 in range(0, n_sets, set_block):
-            cos = torch.einsum("nd,bcd->bnc", v, class_feats[s0 : s0 + set_block])  # [b, n, C]
-            logits = logit_scale * cos
-            true_cos = cos.gather(2, y.view(1, -1, 1).expand(cos.shape[0], -1, 1)).squeeze(2)
-            true_logit = logit_scale * true_cos
-            pred[s0 : s0 + set_block, i0 : i0 + img_block] = logits.argmax(2).cpu()
-            p_true[s0 : s0 + set_block, i0 : i0 + img_block] = (true_logit - logits.logsumexp(2)).exp().cpu()
-            cos_true[s0 : s0 + set_block, i0 : i0 + img_block] = true_cos.cpu()
-            if divergence is not None:
-                ref_logits = logit_scale * torch.einsum("nd,bcd->bnc", v, reference[s0 : s0 + set_block])
-                divergence[s0 : s0 + set_block, i0 : i0 + img_block] = js_divergence(logits, ref_logits).cpu()
-    return TemplateScores(pred.numpy(), p_true.numpy(), cos_true.numpy(),
-                          None if divergence is None else divergence.numpy())
+            block = (slice(s0, s0 + set_block), slice(i0, i0 + img_block))
+            if reference is not None:
+                logq = (logit_scale * _cosines(v, reference[s0 : s0 + set_block])).log_softmax(-1)
+                q = logq.exp()
+            for k, sets in enumerate(scorings):
+                cos = _cosines(v, sets(s0, min(s0 + set_block, n_sets)))  # [b, n, C]
+                logits = logit_scale * cos
+                true_cos = cos.gather(2, y.view(1, -1, 1).expand(cos.shape[0], -1, 1)).squeeze(2)
+                true_logit = logit_scale * true_cos
+                pred[k][block] = logits.argmax(2).cpu()
+                p_true[k][block] = (true_logit - logits.logsumexp(2)).exp().cpu()
+                cos_true[k][block] = true_cos.cpu()
+                if divergence is not None:
+                    divergence[k][block] = _js_from_reference(logits, logq, q).cpu()
+    return [TemplateScores(pred[k].numpy(), p_true[k].numpy(), cos_true[k].numpy(),
+                           None if divergence is None else divergence[k].numpy()) for k in range(len(scorings))]
 
 
 @dataclass
@@ -373,16 +411,16 @@ def score_shared_text(learner: PromptLearner, image_feats: torch.Tensor, labels:
     clean = score_templates(image_feats, labels, clean_feats, scale)
     ensemble = F.normalize(clean_feats.mean(0), dim=-1)  # [C, D]
     pred_ens = score_templates(image_feats, labels, ensemble.unsqueeze(0), scale).pred[0]
-    pert_pred, pert_divergence, text_cos = [], [], []
-    for rows_np in table.perturbed:
-        rows = torch.as_tensor(rows_np, device=text_feats.device)  # [T, R, C]
-        n_t, n_r, n_c = rows.shape
-        pert_feats = text_feats[rows.reshape(n_t * n_r, n_c)]  # [T*R, C, D]
-        pert = score_templates(image_feats, labels, pert_feats, scale, clean_feats.repeat_interleave(n_r, 0))
-        pert_pred.append(pert.pred.reshape(n_t, n_r, -1))
-        pert_divergence.append(pert.divergence.reshape(n_t, n_r, -1))
-        text_cos.append((pert_feats.view(n_t, n_r, n_c, -1) * clean_feats.unsqueeze(1)).sum(-1).cpu().numpy())
-    return Scores(clean, pred_ens, pert_pred, pert_divergence, text_cos, texts_encoded)
+    if not table.perturbed:
+        return Scores(clean, pred_ens, [], [], [], texts_encoded)
+    n_t, n_r, n_c = table.perturbed[0].shape
+    rows = [torch.as_tensor(r, device=text_feats.device).reshape(n_t * n_r, n_c) for r in table.perturbed]
+    text_cos = [(text_feats[r].view(n_t, n_r, n_c, -1) * clean_feats.unsqueeze(1)).sum(-1).cpu().numpy() for r in rows]
+    # every perturbed set (t, r) is compared with the clean set of template t
+    perts = score_sharing_reference(image_feats, labels, [lambda a, b, r=r: text_feats[r[a:b]] for r in rows],
+                                    n_t * n_r, n_c, scale, clean_feats.repeat_interleave(n_r, 0))
+    return Scores(clean, pred_ens, [pert.pred.reshape(n_t, n_r, -1) for pert in perts],
+                  [pert.divergence.reshape(n_t, n_r, -1) for pert in perts], text_cos, texts_encoded)
 
 
 @torch.inference_mode()
