@@ -13,6 +13,7 @@ import pytest
 from conftest import TINY_CONFIG, assert_one_line_error, run_cli, run_console, write_train_test_folders
 
 from promptbench_vlm.attack import read_attack
+from promptbench_vlm.compare.inference import holm
 from promptbench_vlm.compare.sweep import build_sweep
 from promptbench_vlm.errors import UserError
 from promptbench_vlm.files import sha256_file
@@ -92,8 +93,10 @@ def test_a_rerun_with_the_attack_key_reuses_the_cells_and_adds_only_the_attacks(
                            - docs[(("zeroshot", s), c["subset"])]["summary"]["worst_case_acc"]) for s in (1, 2)]
         assert c["test"] == "seeds x images" and c["seed_test"]["per_seed"] == pytest.approx(per_seed)
         assert c["diff"] == pytest.approx(np.mean(per_seed)) and c["p_holm"] >= c["p_value"]
-    family = [c for c in stats["comparisons"] if c["group"] == "erm/coop" and c["p_value"] is not None]
-    assert len(family) > len(tests)  # Holm over the family: worst-case tests join the other metrics
+    family = [c for c in stats["comparisons"] if c["group"] == "erm/coop" and c["p_value"] is not None
+              and c["holm_family"] == "headline"]  # worst-case tests join accuracy and S(θ) in Holm's family
+    assert {c["metric"] for c in family} == {"acc_mean", "sensitivity", "worst_acc"}
+    assert [c["p_holm"] for c in family] == pytest.approx(holm([c["p_value"] for c in family]))
 
     # a second rerun reuses the attacks as they are
     attacks = stamps(out, "attack-*.json")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from promptbench_vlm.compare.inference import crossed_bootstrap, holm, seed_paired_test
+from promptbench_vlm.compare.inference import crossed_bootstrap, crossed_bootstrap_means, holm, seed_paired_test
 
 
 def _seed_table(offsets: list[float], n_images: int = 200) -> np.ndarray:
@@ -45,6 +45,21 @@ def test_crossed_p_value_sees_a_difference_only_when_it_holds_across_seeds():
     assert flips.p_value > 0.05 and flips.ci[0] < 0 < flips.ci[1]
     # what the image-only test of the seed-averaged values would have claimed
     assert crossed_bootstrap(flipping, 1000, resample_seeds=False).p_value < 0.05
+
+
+def test_p_value_is_not_floored_by_the_resample_count_and_matches_the_tail_share_where_both_resolve():
+    """A clear difference gets p far below 2 / (B + 1), so a large Holm family can still reject;
+    where the resamples resolve the tail, p agrees with the share of resamples beyond 0."""
+    rng = np.random.default_rng(2)
+    clear = crossed_bootstrap(rng.normal(0.5, 1.0, (3, 400)), 1000)
+    assert clear.p_value < 1e-6 < 2 / 1001 and holm([clear.p_value] + [0.5] * 131)[0] < 0.05
+    borderline = rng.normal(0.05, 1.0, (1, 400))  # z about 1-2: thousands of resamples beyond 0
+    test = crossed_bootstrap(borderline, 20000, seed=1)
+    dist = crossed_bootstrap_means(borderline, 20000, seed=1)
+    tail = 2 * min(np.mean(dist <= 0), np.mean(dist >= 0))
+    assert 0.01 < tail < 0.9 and test.p_value == pytest.approx(tail, abs=0.02)
+    assert test.se == pytest.approx(dist.std(ddof=1))
+    assert crossed_bootstrap(np.zeros((2, 5)), 100).p_value == 1.0  # no spread, no difference
 
 
 def test_seed_paired_test_against_a_hand_computed_t_test():

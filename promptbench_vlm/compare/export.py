@@ -22,7 +22,7 @@ STATISTICS_SCHEMA = "promptbench_vlm/compare-statistics"
 JSON_NAME, CSV_NAME = "statistics.json", "statistics.csv"
 COLUMNS = ["kind", "method", "learner", "dataset", "seeds", "subset", "perturbation", "metric", "mean", "std",
            "ci_low", "ci_high", "n_seeds", "reference", "test", "p", "p_holm", "seed_diff", "seed_ci_low",
-           "seed_ci_high", "seed_p", "survives_holm", "note"]
+           "seed_ci_high", "seed_p", "survives_holm", "holm_family", "note"]
 
 
 def _cell(cell: Cell) -> dict[str, Any]:
@@ -51,6 +51,7 @@ def comparison_doc(c: Comparison) -> dict[str, Any]:
     doc = asdict(c)
     doc["ci"] = list(c.ci) if c.ci is not None else None
     doc["seeds"] = list(c.seeds)
+    doc["holm_family"] = c.family[3]
     if c.seed_test is not None:
         doc["seed_test"] = {"diff": c.seed_test.diff, "ci": list(c.seed_test.ci), "p_value": c.seed_test.p_value,
                             "per_seed": list(c.seed_test.per_seed)}
@@ -90,7 +91,7 @@ def _comparison_row(c: dict[str, Any]) -> dict[str, Any]:
             "ci_high": ci[1], "reference": c["reference"], "test": c["test"], "p": c["p_value"],
             "p_holm": c["p_holm"], "seed_diff": seed["diff"], "seed_ci_low": seed["ci"][0],
             "seed_ci_high": seed["ci"][1], "seed_p": seed["p_value"], "survives_holm": c["significant"],
-            "note": c["note"]}
+            "holm_family": c.get("holm_family", ""), "note": c["note"]}
 
 
 def statistics_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:

@@ -44,8 +44,10 @@ def write_markdown(path: str | Path, title: str, setup: list[str], summaries: li
         parts += ["## Paired tests against the reference", "",
                   "With several seeds: the crossed bootstrap over training seeds and test images of the "
                   "paired per-image difference, with a paired t-test over seeds beside it; with one seed: "
-                  "the bootstrap over test images (docs/metrics.md). Holm's correction over each method's "
-                  "family of tests (every subset and metric against the same reference).", "",
+                  "the bootstrap over test images; p from the normal approximation to the bootstrap "
+                  "distribution (docs/metrics.md). Holm's correction over each method's two families of "
+                  "tests against the same reference: the headline one (accuracy, S(θ) and worst-case "
+                  "accuracy on every subset and wording pool) and the perturbation one (AS and LPR per op).", "",
                   f"**Differences that survive Holm's correction ({len(kept)} of {tested} tested):**", "",
                   *([f"- {line}" for line in kept] or ["- none"]), "",
                   to_markdown(paired_table(comparisons))]

@@ -5,9 +5,12 @@ the mean over seeds ± their standard deviation (ddof 0, as everywhere in this t
 95 % interval that counts both sources of variation: the crossed seed x image bootstrap of the
 per-seed, per-image values (`inference.crossed_bootstrap`; every seed sees the same test images).
 A difference against the reference is tested the same way on the paired table (same seeds,
-same images), with a seed-level paired t-test beside it; with a single seed the image-level
-paired bootstrap (`metrics.paired_difference`) is the test. Holm's correction runs over each
-family: one method against its reference on one dataset (every subset, wording and metric).
+same images), with a seed-level paired t-test beside it; with a single seed the same bootstrap
+over images alone is the test. Holm's correction runs over each family: one method against its
+reference on one dataset and one kind of metric: the headline metrics (accuracy, S(θ) and
+worst-case accuracy on every subset and wording pool) form one family, the perturbation metrics
+(AS and LPR per op and level) another, so the verdicts a table's claims rest on are not diluted
+by the 20 perturbation tests per subset.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ from typing import Any
 
 import numpy as np
 
-from ..metrics import paired_difference
 from ..wordings import POOLS
 from .inference import SeedTest, crossed_bootstrap, holm, seed_paired_test
 
@@ -31,6 +33,8 @@ WORST_CASE_METRICS = ("starts_acc", "worst_acc", "worst_gap")
 """From a cell's attack (docs/attack.md), per report image, in %: the share of start templates that
 classify it right, whether the worst wording found does, and their difference (the gap)."""
 PAIRED_WORST_CASE_METRICS = ("worst_acc",)
+HEADLINE_METRICS = CLEAN_METRICS + PAIRED_WORST_CASE_METRICS
+"""The metrics of a method's headline Holm family; its AS and LPR tests form a second family."""
 ALPHA = 0.05
 """Family-wise error rate of the Holm-corrected verdicts."""
 
@@ -85,11 +89,12 @@ class Comparison:
     """A paired test of one group against the reference on one metric of one subset.
 
     Attributes:
-        diff, ci, p_value: The difference (group − reference), its 95 % interval and p-value:
-            crossed seed x image bootstrap with several seeds, image-level paired bootstrap with one.
+        diff, ci, p_value: The difference (group − reference), its 95 % interval and p-value
+            (`inference.crossed_bootstrap`: over seeds and images with several seeds, over images
+            with one).
         test: Which of the two (``"seeds x images"`` or ``"images (1 seed)"``).
         seed_test: The paired t-test over seeds (None with one seed).
-        p_holm: `p_value` after Holm's correction over the family (group, reference, dataset).
+        p_holm: `p_value` after Holm's correction over the family (`family`).
         significant: Whether the difference survives that correction (``p_holm < ALPHA``).
         seeds: The seeds both sides share (the pairs used).
     """
@@ -110,8 +115,11 @@ class Comparison:
     seeds: tuple[int, ...] = ()
 
     @property
-    def family(self) -> tuple[str, str, str]:
-        return self.group, self.reference, self.dataset
+    def family(self) -> tuple[str, str, str, str]:
+        """(group, reference, dataset, kind): kind ``headline`` for accuracy, S(θ) and worst-case
+        accuracy, ``perturbation`` for the per-op AS and LPR tests."""
+        kind = "headline" if self.metric in HEADLINE_METRICS else "perturbation"
+        return self.group, self.reference, self.dataset, kind
 
 
 def per_image_values(doc: dict[str, Any], subset: str) -> tuple[np.ndarray, dict[str, np.ndarray]] | None:
@@ -314,19 +322,18 @@ def _subset_tests(summary: GroupSummary, ref: GroupSummary, subset: str, metrics
 def _paired(group: str, reference: str, dataset: str, subset: str, metric: str, a: np.ndarray, b: np.ndarray,
             seeds: list[int], n_resamples: int, seed: int) -> Comparison:
     """One paired test on ``[S, N]`` tables: crossed bootstrap and seed t-test, or the image test for one seed."""
-    if len(seeds) == 1:
-        test = paired_difference(a[0], b[0], n_resamples, seed)
-        return Comparison(group, reference, dataset, subset, metric, test.diff, test.ci, test.p_value, False,
-                          test="images (1 seed)", seeds=tuple(seeds))
     boot = crossed_bootstrap(a - b, n_resamples, seed)
+    if len(seeds) == 1:
+        return Comparison(group, reference, dataset, subset, metric, boot.value, boot.ci, boot.p_value, False,
+                          test="images (1 seed)", seeds=tuple(seeds))
     return Comparison(group, reference, dataset, subset, metric, boot.value, boot.ci, boot.p_value, False,
                       test="seeds x images", seed_test=seed_paired_test(a, b), seeds=tuple(seeds))
 
 
 def apply_holm(comparisons: list[Comparison], alpha: float = ALPHA) -> list[Comparison]:
     """Set `p_holm` and `significant` on the tested comparisons, one Holm family per
-    (group, reference, dataset); untested ones stay not significant."""
-    families: dict[tuple[str, str, str], list[Comparison]] = {}
+    `Comparison.family`; untested ones stay not significant."""
+    families: dict[tuple[str, str, str, str], list[Comparison]] = {}
     for c in comparisons:
         if c.p_value is not None:
             families.setdefault(c.family, []).append(c)

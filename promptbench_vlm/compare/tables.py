@@ -173,15 +173,21 @@ def paired_table(comparisons: list[Comparison], clean_only: bool = False) -> Tex
         seed = "-"
         if c.seed_test is not None:
             t = c.seed_test
-            seed = f"{t.diff:+.{digits}f} [{t.ci[0]:+.{digits}f}, {t.ci[1]:+.{digits}f}] p={t.p_value:.3f}"
+            seed = f"{t.diff:+.{digits}f} [{t.ci[0]:+.{digits}f}, {t.ci[1]:+.{digits}f}] p={format_p(t.p_value)}"
         rows.append([c.group, c.reference, c.dataset, c.subset, name,
                      f"{c.diff:+.{digits}f} [{c.ci[0]:+.{digits}f}, {c.ci[1]:+.{digits}f}]", c.test,
-                     f"{c.p_value:.3f}", f"{c.p_holm:.3f}" if c.p_holm is not None else "-", seed,
+                     format_p(c.p_value), format_p(c.p_holm) if c.p_holm is not None else "-", seed,
                      "yes" if c.significant else "no"])
     return TextTable("paired tests: method − reference [95% CI]; survives = Holm-adjusted p < 0.05 over the "
-                     "method's family (every subset and metric against the same reference)",
+                     "method's family (headline: accuracy, S(θ), worst-case accuracy on every subset and wording pool; "
+                     "perturbation: AS and LPR per op; each against the same reference)",
                      ["method", "reference", "dataset", "subset", "metric", "difference [95% CI]", "resampled",
                       "p", "p Holm", "seed t-test [95% CI]", "survives Holm"], rows)
+
+
+def format_p(p: float) -> str:
+    """A p-value to three decimals, ``<0.001`` below that (the p-values are continuous)."""
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def survivors(comparisons: list[Comparison]) -> list[str]:
@@ -191,7 +197,7 @@ def survivors(comparisons: list[Comparison]) -> list[str]:
     for c in kept:
         name, digits = _metric_name(c.metric)
         lines.append(f"{c.group} vs {c.reference} ({c.dataset}, {c.subset}) {name}: {c.diff:+.{digits}f} "
-                     f"[{c.ci[0]:+.{digits}f}, {c.ci[1]:+.{digits}f}], p Holm {c.p_holm:.3f}")
+                     f"[{c.ci[0]:+.{digits}f}, {c.ci[1]:+.{digits}f}], p Holm {format_p(c.p_holm)}")
     return lines
 
 
