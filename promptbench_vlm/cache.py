@@ -259,25 +259,26 @@ class FeatureCache:
 
 
 class MemoryCache:
-    """Image and text features in memory, under the same keys as `FeatureCache`, for one process.
+    """Image and text features (and prompt tables) in memory, under the same keys as
+    `FeatureCache`, for the life of one process; it serves wherever a `FeatureCache` does.
 
     An entry is reused exactly where the on-disk cache would reuse it (the zero-shot learner's
     prompts across seeds; the images of learners whose image side is not learned across every
     cell of a sweep), but nothing is written: a sweep's attacks would otherwise leave B x C
     prompt features of every trained learner on disk, of no use once its cell is attacked. Only
-    the latest `image_keys` image keys and `text_keys` text keys (learner states) are kept, so
-    memory stays bounded over a long sweep.
+    the latest `image_keys` image keys (and prompt tables) and `text_keys` text keys (learner
+    states) are kept, so memory stays bounded over a long sweep.
     """
 
-    def __init__(self, image_keys: int = 8, text_keys: int = 2):
-        self.limits = {"images": image_keys, "texts": text_keys}
-        self._images: OrderedDict[str, dict[tuple[int, int], tuple[torch.Tensor, list[int], list[dict[str, str]]]]] \
-            = OrderedDict()
-        self._texts: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+    def __init__(self, image_keys: int = 8, text_keys: int = 2, warn: Callable[[str], None] | None = None):
+        self.limits = {"images": image_keys, "texts": text_keys, "tables": image_keys}
+        self.warn = warn or (lambda message: warnings.warn(message, CacheWarning, stacklevel=3))
+        self._stores: dict[str, OrderedDict[str, dict]] = {kind: OrderedDict() for kind in self.limits}
 
     def _entries(self, kind: str, key: dict[str, Any], create: bool) -> dict | None:
-        """The entries of `key` (most recently used now), made when `create`; the oldest key beyond the limit goes."""
-        store = self._images if kind == "images" else self._texts
+        """The entries of `key` (now the most recently used), made when `create`; the oldest key
+        beyond the limit goes."""
+        store = self._stores[kind]
         name = digest(key)
         if name in store:
             store.move_to_end(name)
@@ -306,6 +307,14 @@ class MemoryCache:
     def store_texts(self, key: dict[str, Any], texts: Sequence[str], features: torch.Tensor) -> None:
         """Keep the features of `texts`."""
         self._entries("texts", key, create=True).update(zip(texts, features.detach().to("cpu", torch.float32)))
+
+    def load_table(self, key: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+        """As `FeatureCache.load_table`: the prompt table's tensors, or None."""
+        return (self._entries("tables", key, create=False) or {}).get("tensors")
+
+    def store_table(self, key: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        """Keep a prompt table's tensors."""
+        self._entries("tables", key, create=True)["tensors"] = dict(tensors)
 
 
 # --- `promptbench cache info|clear` --------------------------------------------------------

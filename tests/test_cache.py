@@ -14,7 +14,7 @@ from test_cli import run_cli
 from test_evaluate import TEMPLATES, CountingLearner
 
 from promptbench_vlm import evaluate
-from promptbench_vlm.cache import CacheWarning, FeatureCache, code_hash, image_key, text_key
+from promptbench_vlm.cache import CacheWarning, FeatureCache, MemoryCache, code_hash, image_key, text_key
 from promptbench_vlm.data.folder import FolderDataset
 from promptbench_vlm.evaluate import EvalSettings, Evaluator
 from promptbench_vlm.learners import build_learner
@@ -45,6 +45,22 @@ def test_warm_cache_encodes_no_image_and_no_text(tiny_backbone, tmp_path):
                            "texts_cached": cold.counts["texts_encoded"]}
     results_equal(cold, warm)
     assert warm.skipped == cold.skipped == [{"item": "colours/2", "error": "colours/2: cannot identify image file"}]
+
+
+def test_memory_cache_serves_a_second_run_and_keeps_only_the_latest_keys(tiny_backbone):
+    learner = build_learner("zeroshot", tiny_backbone)
+    counter = CountingLearner(learner)
+    memory = MemoryCache(image_keys=1, text_keys=1)
+    cold = Evaluator(learner, SETTINGS, cache=memory, split="test").run(ColourDataset(corrupt=(2,)))
+    counter.images, counter.texts = 0, []
+    warm = Evaluator(learner, SETTINGS, cache=memory, split="test").run(ColourDataset(corrupt=(2,)))
+    assert counter.images == 0 and counter.texts == [] and warm.counts["images_cached"] == 11
+    results_equal(cold, warm)
+    Evaluator(learner, SETTINGS, cache=memory, split="val").run(ColourDataset())  # another image key
+    counter.images = 0
+    Evaluator(learner, SETTINGS, cache=memory, split="test").run(ColourDataset(corrupt=(2,)))
+    assert counter.images == 11  # the oldest image key went; the texts (one learner state) stayed
+    assert counter.texts == []
 
 
 def test_other_templates_reuse_image_features_and_shared_prompts(tiny_backbone, tmp_path):

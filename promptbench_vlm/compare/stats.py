@@ -287,19 +287,20 @@ def compare_to_reference(summaries: list[GroupSummary], reference: str, n_resamp
             same = a is not None and b is not None and \
                 summary.worst_case_pairing[subset] == ref.worst_case_pairing.get(subset)
             out += _subset_tests(summary, ref, subset, PAIRED_WORST_CASE_METRICS, a, b, same, shared, n_resamples,
-                                 seed)
+                                 seed, missing="no attack of every seed on one side")
     return apply_holm(out)
 
 
 def _subset_tests(summary: GroupSummary, ref: GroupSummary, subset: str, metrics: list[str] | tuple[str, ...],
                   a: dict[str, np.ndarray] | None, b: dict[str, np.ndarray] | None, same_images: bool,
-                  shared: list[int], n_resamples: int, seed: int) -> list[Comparison]:
+                  shared: list[int], n_resamples: int, seed: int,
+                  missing: str = "no per-image values in the result file(s)") -> list[Comparison]:
     """The paired tests of one subset's `metrics` (per-image tables `a` and `b`), or one untested
-    comparison per metric with the reason."""
+    comparison per metric with the reason (`missing` when a side has no tables)."""
     g = summary.group
     note = ""
     if a is None or b is None:
-        note = "no per-image values in the result file(s)"
+        note = missing
     elif not same_images:
         note = "different test images"
     elif not shared:
