@@ -121,7 +121,7 @@ def test_a_rerun_with_the_attack_key_reuses_the_cells_and_adds_only_the_attacks(
     assert "## Worst-case accuracy" not in (out / "report.md").read_text()
     code, _, err = run_cli(monkeypatch, capsys, "compare", str(other), "--skip-existing")
     assert code == 0, err
-    assert err.count("rerunning the attack") == 4 and "attack differ" in err
+    assert err.count("rerunning the attack") == 4 and "recorded attack.budget differ" in err
     assert {(r["status"], r["attack"]) for r in runs(tmp_path).values()} == {("existing", "done")}
 
     # a file this package did not write is left alone

@@ -96,7 +96,15 @@ def wanted_record(sweep: Sweep, spec: RunSpec, folder: Path, run: dict[str, Any]
 
 
 def _differences(doc: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
-    return [key for key, value in wanted.items() if json.loads(json.dumps(value)) != doc["run"].get(key)]
+    """The keys of `wanted` the attack document records otherwise (``attack.budget`` for a setting)."""
+    out = []
+    for key, value in json.loads(json.dumps(wanted)).items():
+        recorded = doc["run"].get(key)
+        if key == "attack" and isinstance(recorded, dict):
+            out += [f"attack.{k}" for k in sorted(set(value) | set(recorded)) if value.get(k) != recorded.get(k)]
+        elif recorded != value:
+            out.append(key)
+    return out
 
 
 def _ours(path: Path) -> bool:
