@@ -124,7 +124,8 @@ def compare_methods(methods: list[str], learners: list[str], datasets: list[str]
         output: Folder of the runs, ``summary.json`` and ``report.md``.
         **sweep: Any other sweep key (``docs/compare.md``): ``seeds``, ``shots``, ``epochs``,
             ``templates``, ``perturb``, ``bootstrap``, ``model``, ``reference``, ``wordings``,
-            ``method`` (per-method tables), ...
+            ``method`` (per-method tables), ``attack`` (e.g. ``{"budget": 300}``: every cell's
+            worst-case accuracy, `compare.attacks`), ...
 
     Raises:
         UserError: a bad sweep (unknown key, method or learner), or no run finished.
