@@ -117,8 +117,10 @@ def _ours(path: Path) -> bool:
         return False
 
 
-def cell_attacks(sweep: Sweep, spec: RunSpec, folder: Path) -> tuple[dict[str, dict[str, Any]], list[str]]:
-    """The attack results of a finished cell that fit the sweep, and why the others do not.
+def cell_attacks(sweep: Sweep, spec: RunSpec, folder: Path, result: dict[str, Any]
+                 ) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """The attack results of a finished cell (whose result document is `result`) that fit the
+    sweep, and why the others do not.
 
     Returns:
         Per class subset, the attack document that records what the sweep asks; and one
@@ -129,9 +131,8 @@ def cell_attacks(sweep: Sweep, spec: RunSpec, folder: Path) -> tuple[dict[str, d
     """
     from ..attack import read_attack
 
-    run = read_result(folder / RESULT)["run"]
     found, stale = {}, []
-    for subset in attack_subsets(read_result(folder / RESULT)):
+    for subset in attack_subsets(result):
         path = folder / ATTACK_FILES[subset]
         if not path.exists():
             stale.append(f"{subset}: missing")
@@ -143,7 +144,7 @@ def cell_attacks(sweep: Sweep, spec: RunSpec, folder: Path) -> tuple[dict[str, d
         except UserError as err:
             stale.append(f"{subset}: {err}")
             continue
-        differing = _differences(doc, wanted_record(sweep, spec, folder, run, subset))
+        differing = _differences(doc, wanted_record(sweep, spec, folder, result["run"], subset))
         if differing:
             stale.append(f"{subset}: recorded {', '.join(differing)} differ")
         else:
@@ -160,16 +161,16 @@ def attack_cell(sweep: Sweep, spec: RunSpec, folder: Path, features: Any, progre
     """
     from ..attack import run_attack
 
-    found, stale = cell_attacks(sweep, spec, folder)
+    result = read_result(folder / RESULT)
+    found, stale = cell_attacks(sweep, spec, folder, result)
     if not stale:
         return "existing"
     if reasons := [s for s in stale if not s.endswith(": missing")]:
         note(f"warning: rerunning the attack of {spec.name}: its recorded settings differ ({'; '.join(reasons)})")
-    run = read_result(folder / RESULT)["run"]
-    for subset in attack_subsets(read_result(folder / RESULT)):
+    assert sweep.attack is not None
+    for subset in attack_subsets(result):
         if subset not in found:
-            assert sweep.attack is not None
-            run_attack(attack_request(sweep, spec, folder, run, subset), sweep.attack, features=features,
+            run_attack(attack_request(sweep, spec, folder, result["run"], subset), sweep.attack, features=features,
                        progress=progress, note=note)
     return "done"
 
@@ -236,7 +237,7 @@ def attack_status(sweep: Sweep, spec: RunSpec, folder: Path) -> str:
     if (why := _refusal(spec)) is not None:
         return f"not applicable: {why}"
     try:
-        _, stale = cell_attacks(sweep, spec, folder)
+        _, stale = cell_attacks(sweep, spec, folder, read_result(folder / RESULT))
     except UserError as err:
         return f"failed: {err}"
     if not stale:
@@ -244,9 +245,9 @@ def attack_status(sweep: Sweep, spec: RunSpec, folder: Path) -> str:
     return "missing" if all(s.endswith(": missing") for s in stale) else f"mismatched: {'; '.join(stale)}"
 
 
-def read_cell_attacks(folder: Path) -> dict[str, dict[str, Any]]:
-    """The attack documents of a cell whose attack status is ``done`` or ``existing``."""
+def read_cell_attacks(folder: Path, result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The attack documents of a cell (result document `result`) whose attack status is ``done``
+    or ``existing``."""
     from ..attack import read_attack
 
-    subsets = attack_subsets(read_result(folder / RESULT))
-    return {s: read_attack(folder / ATTACK_FILES[s]) for s in subsets}
+    return {s: read_attack(folder / ATTACK_FILES[s]) for s in attack_subsets(result)}

@@ -316,5 +316,5 @@ def load_groups(records: list[RunRecord]) -> list[Group]:
         with reading_folder(Path(r.folder)):  # never while another sweep rewrites it
             group.docs[r.seed] = read_result(Path(r.folder) / RESULT)
             if r.attack in ("done", "existing"):
-                group.attacks[r.seed] = read_cell_attacks(Path(r.folder))
+                group.attacks[r.seed] = read_cell_attacks(Path(r.folder), group.docs[r.seed])
     return list(groups.values())
