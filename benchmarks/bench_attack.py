@@ -8,6 +8,10 @@ every image once. The comparison is `run_evaluation` on the very B wordings the 
 near 1 means the search itself (neighbour generation, beam bookkeeping, scoring two halves)
 costs little beside the encoders. Medians of interleaved repetitions with their range.
 
+Then what `compare`'s sweep-wide `cache.MemoryCache` saves: the attacks of three zero-shot cells
+(seeds 1-3; the attack's own seed fixes the search, so they repeat one computation) with one
+shared memory cache against three without.
+
 Run: python benchmarks/bench_attack.py [--budget 120] [--repeats 3]
 """
 
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -23,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import Timing, interleaved, machine_note, measure, ratios, threads_from_env, timing_s  # noqa: E402
 
 from promptbench_vlm.attack import AttackSettings, run_attack  # noqa: E402
+from promptbench_vlm.cache import MemoryCache  # noqa: E402
 from promptbench_vlm.evaluation import EvalRequest, load_evaluated_learner, run_evaluation  # noqa: E402
 
 
@@ -59,6 +65,14 @@ def main() -> None:
           f"({texts_attack / search_s:.0f} prompt strings/s)")
     print(f"attack: {timing_s(runs['attack'])}; evaluation of the same wordings: {timing_s(runs['evaluate'])}")
     print(f"attack / evaluation at equal unique prompts: {ratios(runs['attack'], runs['evaluate'])}")
+
+    def three_cells(shared: bool) -> Timing:
+        memory = MemoryCache() if shared else None
+        return measure(lambda: [run_attack(replace(base, seed=seed), settings, learner=learner, features=memory)
+                                for seed in (1, 2, 3)])
+
+    cells = interleaved({"shared": lambda: three_cells(True), "own": lambda: three_cells(False)}, args.repeats)
+    print(f"three zero-shot cells' attacks, one MemoryCache / none: {ratios(cells['shared'], cells['own'])}")
 
 
 if __name__ == "__main__":
