@@ -116,6 +116,22 @@ def cell_text(cell: dict, metric: str) -> str:
                     DIGITS[metric])
 
 
+def test_a_record_written_before_a_request_field_existed_counts_it_as_its_default():
+    """train.json of an older version lacks newer request fields: they count as their defaults
+    (the behaviour the run had), while a recorded value that differs is still named."""
+    from dataclasses import replace
+
+    from promptbench_vlm.train.run import TrainRequest, _jsonable, request_differences
+
+    request = TrainRequest(method="erm", learner="coop", shots=4)
+    recorded = json.loads(json.dumps(_jsonable(request), default=str))
+    del recorded["preset"], recorded["dataset_options"]["split"], recorded["config"]["accumulate"]
+    assert request_differences(recorded, request) == []
+    assert request_differences(recorded, replace(request, preset={"name": "x"})) == ["preset"]
+    changed = replace(request, config=replace(request.config, accumulate=2))
+    assert request_differences(recorded, changed) == ["config.accumulate"]
+
+
 def test_shards_then_report_only_equal_one_run_and_the_statistics_equal_the_report(cli, tmp_path, split_folder):
     sweep = sweep_file(tmp_path, split_folder, '["zeroshot"]', "[1, 2]", "out")
     code, err = cli(str(sweep), "--output", str(tmp_path / "whole"))

@@ -152,8 +152,24 @@ def check_same_run(path: Path, request: TrainRequest) -> None:
 
 def request_differences(recorded: dict[str, Any], request: TrainRequest) -> list[str]:
     """The keys (``config.lr`` for nested ones) on which a ``train.json`` request differs from
-    `request`, ignoring what may change between a run and its resumption (`VOLATILE_REQUEST_FIELDS`)."""
-    return _differing(_comparable(recorded), _comparable(_jsonable(request)))
+    `request`, ignoring what may change between a run and its resumption (`VOLATILE_REQUEST_FIELDS`).
+
+    A field the record lacks (written before the field existed) counts as its default: a new
+    request field's default keeps the behaviour runs had before it, so older runs stay reusable.
+    """
+    return _differing(_with_defaults(_comparable(recorded), _comparable(_jsonable(TrainRequest()))),
+                      _comparable(_jsonable(request)))
+
+
+def _with_defaults(recorded: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """`recorded` with the keys it lacks taken from `defaults`, nested dicts merged the same way."""
+    out = dict(recorded)
+    for key, value in defaults.items():
+        if key not in out:
+            out[key] = value
+        elif isinstance(out[key], dict) and isinstance(value, dict):
+            out[key] = _with_defaults(out[key], value)
+    return out
 
 
 def keep_log_until(path: Path, step: int) -> None:
