@@ -7,6 +7,8 @@ imports none of their code. The shipped ones:
 | spec | source |
 |---|---|
 | ``toy-shapes`` | the embedded procedural toy world (`promptbench_vlm.toy.shapes`) |
+| ``toy-shapes:DOMAIN`` | its classes in a shifted domain: v2, sketch, hard, rendition (`promptbench_vlm.toy.transfer`) |
+| ``toy-colours``, ``toy-forms`` | toy scenes classed by colour or by shape: cross-dataset targets (`toy.transfer`) |
 | ``folder:PATH`` | an image folder, one sub-folder per class (`data.folder`) |
 | ``coop:NAME@ROOT`` | one of the 11 CoOp/Dassl datasets under ROOT (`data.coop`) |
 | ``hf:NAME`` | a Hugging Face hub dataset, `datasets.load_dataset` (`data.hf`) |
@@ -53,6 +55,8 @@ class DatasetSource:
 
 DATASET_SOURCES: Registry[DatasetSource] = Registry("promptbench_vlm.datasets", "dataset source", builtin={
     "toy-shapes": "promptbench_vlm.toy.shapes:SOURCE",
+    "toy-colours": "promptbench_vlm.toy.transfer:COLOURS_SOURCE",
+    "toy-forms": "promptbench_vlm.toy.transfer:FORMS_SOURCE",
     "folder": "promptbench_vlm.data.folder:SOURCE",
     "coop": "promptbench_vlm.data.coop:SOURCE",
     "hf": "promptbench_vlm.data.hf:HUB_SOURCE",

@@ -180,6 +180,17 @@ def render(split: str, index: int, seed: int = 0, light: str = DATASET_LIGHT) ->
     f = _draw_factors(rng)
     label = index % len(CLASSNAMES)
     colour_name, shape = CLASSNAMES[label].split(" ")
+    return draw_scene(rng, f, colour_name, shape, LIGHTS[light]), label, f
+
+
+def draw_scene(rng: np.random.Generator, f: Factors, colour_name: str, shape: str,
+               gains: tuple[float, float, float]) -> Image.Image:
+    """Draw one scene: a `colour_name` `shape` with nuisance factors `f`, lit with channel `gains`.
+
+    The one drawing routine of the toy world: `render` (the toy-shapes splits and the toy CLIP's
+    pretraining pool) and the transfer targets of `toy.transfer` (other classes, other domains) all
+    draw through it, so a target differs from toy-shapes only in what it sets on purpose.
+    """
     lo, hi = BACKGROUND_LEVELS[f.background]
     bg = np.clip(rng.uniform(lo, hi) + rng.uniform(-15, 15, 3), 0, 255).astype(int)
     colour = np.clip(np.array(COLOURS[colour_name]) + rng.uniform(-COLOUR_JITTER, COLOUR_JITTER, 3), 0, 255)
@@ -198,8 +209,8 @@ def render(split: str, index: int, seed: int = 0, light: str = DATASET_LIGHT) ->
         small = int(rng.choice([8, 10, 12]))
         image = image.resize((small, small), Image.Resampling.BOX).resize((IMAGE_SIZE,) * 2, Image.Resampling.NEAREST)
     noise = rng.normal(0, 5, (IMAGE_SIZE, IMAGE_SIZE, 3))
-    pixels = np.clip(np.asarray(image, dtype=np.float64) * LIGHTS[light] + noise, 0, 255).astype(np.uint8)
-    return Image.fromarray(pixels, "RGB"), label, f
+    pixels = np.clip(np.asarray(image, dtype=np.float64) * gains + noise, 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels, "RGB")
 
 
 def factors(split: str, index: int, seed: int = 0) -> Factors:
@@ -277,5 +288,14 @@ def caption(classname: str, f: Factors, rng: np.random.Generator) -> str:
     return " ".join(["a", *before, noun, "of", det, *after, classname]) + "."
 
 
-SOURCE = DatasetSource("toy-shapes", "the embedded procedural toy world (no path)",
-                       lambda _argument, options: ToyShapes(split=options.split), needs_argument=False)
+def _load_source(argument: str, options) -> ImageDataset:
+    """``toy-shapes``, or ``toy-shapes:DOMAIN``: its classes in a shifted domain (`toy.transfer`)."""
+    if not argument:
+        return ToyShapes(split=options.split)
+    from .transfer import load_shifted
+
+    return load_shifted(argument, options)
+
+
+SOURCE = DatasetSource("toy-shapes[:DOMAIN]", "the embedded procedural toy world (no path); DOMAIN: v2, sketch, "
+                       "hard, rendition (shifted test domains, docs/toy-world.md)", _load_source, needs_argument=False)
