@@ -34,6 +34,9 @@ class ImageDataset(ABC):
     labels: list[int]
     split_ignored: bool = False
     """True for a source that serves every split from the same images (a flat image folder)."""
+    source_labels: list[int] | None = None
+    """For a test set of another dataset's classes (ImageNet-A and -R, ``toy-shapes:hard``): that
+    dataset's label of each class; None when the dataset stands alone."""
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -91,6 +94,7 @@ class SubsetDataset(ImageDataset):
         self.classnames = [parent.classnames[c] for c in class_ids]
         self.labels = [remap[parent.labels[i]] for i in self.indices]
         self.split_ignored = parent.split_ignored
+        self.source_labels = [parent.source_labels[c] for c in class_ids] if parent.source_labels else None
 
     def load(self, index: int) -> Image.Image:
         return self.parent.load(self.indices[index])

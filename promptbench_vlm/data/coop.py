@@ -8,6 +8,11 @@ Nine datasets carry ``<folder>/split_zhou_<Name>.json`` (``train``/``val``/``tes
 ``[relative_path, label, class_name]``). fgvc_aircraft and imagenet have their own layouts;
 see `_load_aircraft` and `_load_imagenet`. As in CoOp's prompt learners, underscores in class
 names become spaces.
+
+The four domain-generalisation targets (ImageNet-V2, -Sketch, -A, -R) are test sets only, each
+with a copy of ImageNet's ``classnames.txt`` (`_load_imagenet_variant`). -A and -R hold 200 of
+ImageNet's classes: as in CoOp, their labels are 0..199 (the sorted wnid folders) and they are
+scored with their own 200 class names; ``source_labels`` records each class's ImageNet label.
 """
 
 from __future__ import annotations
@@ -48,17 +53,36 @@ _SPLIT_FILE_DATASETS = {
     "eurosat": _SplitFileLayout("eurosat", "eurosat/2750", "split_zhou_EuroSAT.json"),
     "ucf101": _SplitFileLayout("ucf101", "ucf101/UCF-101-midframes", "split_zhou_UCF101.json"),
 }
-COOP_DATASETS = (*_SPLIT_FILE_DATASETS, "fgvc_aircraft", "imagenet")
+
+
+@dataclass(frozen=True)
+class _ImageNetVariant:
+    """Where an ImageNet test variant lives under ROOT (CoOp's ``DATASETS.md``)."""
+
+    folder: str
+    image_dir: str  # inside `folder`
+    numbered: bool  # class folders named 0..999 (the classnames.txt line) instead of by wnid
+
+
+_IMAGENET_VARIANTS = {
+    "imagenetv2": _ImageNetVariant("imagenetv2", "imagenetv2-matched-frequency-format-val", numbered=True),
+    "imagenet_sketch": _ImageNetVariant("imagenet-sketch", "images", numbered=False),
+    "imagenet_a": _ImageNetVariant("imagenet-adversarial", "imagenet-a", numbered=False),
+    "imagenet_r": _ImageNetVariant("imagenet-rendition", "imagenet-r", numbered=False),
+}
+COOP_DATASETS = (*_SPLIT_FILE_DATASETS, "fgvc_aircraft", "imagenet", *_IMAGENET_VARIANTS)
 
 
 class CoopDataset(ImageDataset):
     """A list of image files with labels; decoding waits for `load`."""
 
-    def __init__(self, name: str, classnames: list[str], paths: list[Path], labels: list[int]):
+    def __init__(self, name: str, classnames: list[str], paths: list[Path], labels: list[int],
+                 source_labels: list[int] | None = None):
         self.name = name
         self.classnames = [c.replace("_", " ") for c in classnames]
         self.paths = paths
         self.labels = labels
+        self.source_labels = source_labels
 
     def load(self, index: int) -> Image.Image:
         return open_rgb(self.paths[index])
@@ -92,6 +116,10 @@ def load_coop(name: str, root: str | Path, split: str) -> ImageDataset:
         return _load_aircraft(spec, root / "fgvc_aircraft", split)
     if name == "imagenet":
         return _load_imagenet(spec, root / "imagenet", split)
+    if name in _IMAGENET_VARIANTS:
+        if split != "test":
+            raise UserError(f"coop:{name} is a test set only (CoOp evaluates on it, never trains): use --split test")
+        return _load_imagenet_variant(spec, root, _IMAGENET_VARIANTS[name])
     return _load_split_file(spec, root, _SPLIT_FILE_DATASETS[name], split)
 
 
@@ -156,22 +184,69 @@ def _load_imagenet(spec: str, folder: Path, split: str) -> CoopDataset:
             "coop:imagenet has no separate 'val' split: its images/val folder is the test set "
             "(use --split test, or --split train)"
         )
+    names = _read_classnames(folder)
+    split_dir = _require(folder / "images" / ("val" if split == "test" else "train"), "image folder")
+    wnids = _class_folders(split_dir, names, folder)
+    paths, labels = _images_by_label(split_dir, wnids)
+    return CoopDataset(spec, [names[w] for w in wnids], paths, labels)
+
+
+def _read_classnames(folder: Path) -> dict[str, str]:
+    """``classnames.txt``: ``<wnid> <class name…>`` per line, in file order."""
     names = {}
     for line in read_user_text(_require(folder / "classnames.txt", "class list"), "class list").splitlines():
         wnid, _, classname = line.strip().partition(" ")
         if wnid:
             names[wnid] = classname.strip()
-    split_dir = _require(folder / "images" / ("val" if split == "test" else "train"), "image folder")
+    return names
+
+
+def _class_folders(split_dir: Path, names: dict[str, str], folder: Path) -> list[str]:
+    """The sorted wnid folders of `split_dir` (files such as -A's README.txt are not classes)."""
     wnids = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
     unknown = [w for w in wnids if w not in names]
     if unknown:
         raise UserError(f"folder '{split_dir / unknown[0]}' is not listed in {folder / 'classnames.txt'}")
+    return wnids
+
+
+def _images_by_label(split_dir: Path, folders: list[str], folder_labels: list[int] | None = None
+                     ) -> tuple[list[Path], list[int]]:
+    """The sorted image files of each class folder and their labels: `folder_labels`, else each
+    folder's position in `folders`."""
     paths, labels = [], []
-    for label, wnid in enumerate(wnids):
-        files = sorted(p for p in (split_dir / wnid).iterdir() if p.is_file() and not p.name.startswith("."))
+    for name, label in zip(folders, folder_labels or range(len(folders))):
+        files = sorted(p for p in (split_dir / name).iterdir() if p.is_file() and not p.name.startswith("."))
         paths += files
         labels += [label] * len(files)
-    return CoopDataset(spec, [names[w] for w in wnids], paths, labels)
+    return paths, labels
+
+
+def _load_imagenet_variant(spec: str, root: Path, layout: _ImageNetVariant) -> CoopDataset:
+    """An ImageNet test variant, read as CoOp reads it.
+
+    -Sketch, -A and -R: one folder per wnid, labels = index of the sorted folders (so -A and -R
+    have labels 0..199 over their 200 classes), names from ``classnames.txt``. -V2: folders
+    ``0``..``999``, folder k holding the class on line k of ``classnames.txt``; all of its classes
+    are scored. ``source_labels`` maps each class to its ImageNet label (its wnid's position
+    among the sorted wnids of ``classnames.txt``, as `_load_imagenet` numbers ImageNet's classes).
+    """
+    folder = root / layout.folder
+    names = _read_classnames(folder)
+    image_dir = _require(folder / layout.image_dir, "image folder")
+    imagenet_label = {wnid: i for i, wnid in enumerate(sorted(names))}
+    if not layout.numbered:
+        wnids = _class_folders(image_dir, names, folder)
+        paths, labels = _images_by_label(image_dir, wnids)
+        return CoopDataset(spec, [names[w] for w in wnids], paths, labels, [imagenet_label[w] for w in wnids])
+    wnids = list(names)
+    present = [d.name for d in image_dir.iterdir() if d.is_dir() and not d.name.startswith(".")]
+    if bad := [d for d in present if not d.isdigit() or int(d) >= len(wnids)]:
+        raise UserError(f"folder '{image_dir / bad[0]}' is not a class number 0..{len(wnids) - 1} of "
+                        f"{folder / 'classnames.txt'}")
+    numbers = sorted(present, key=int)
+    paths, labels = _images_by_label(image_dir, numbers, [int(n) for n in numbers])
+    return CoopDataset(spec, [names[w] for w in wnids], paths, labels, [imagenet_label[w] for w in wnids])
 
 
 def _load_source(argument: str, options: DatasetOptions) -> ImageDataset:
@@ -181,4 +256,5 @@ def _load_source(argument: str, options: DatasetOptions) -> ImageDataset:
     return load_coop(name, root, split=options.split)
 
 
-SOURCE = DatasetSource("coop:NAME@ROOT", "a CoOp/Dassl-layout dataset (oxford_pets, dtd, imagenet, ...)", _load_source)
+SOURCE = DatasetSource("coop:NAME@ROOT", "a CoOp/Dassl-layout dataset (oxford_pets, dtd, imagenet, imagenet_a, ...)",
+                       _load_source)
