@@ -392,6 +392,8 @@ def compare(
     output: Annotated[Optional[str], typer.Option(help="Folder of the runs, summary and report (default runs/compare).")] = None,
     reference: Annotated[Optional[str], typer.Option(help="METHOD or METHOD/LEARNER the others are tested against (default erm-multi, else zeroshot, else the first method).")] = None,
     wordings: Annotated[Optional[str], typer.Option(help="'split' (default): every method trains on the seen wordings only, reported on seen / held-out / out-of-family; 'all': the old layout.")] = None,
+    protocol: Annotated[Optional[str], typer.Option(help="base2new (default) | cross-dataset | domain-generalization (docs/compare.md).")] = None,
+    target: Annotated[list[str], typer.Option("--target", help="Target dataset spec of cross-dataset / domain-generalization, repeatable.")] = [],
     skip_existing: Annotated[bool, typer.Option(help="Reuse finished runs recorded with the sweep's settings (resume an interrupted sweep); rerun the others, naming the keys that differ.")] = False,
     refuse_mismatched: Annotated[bool, typer.Option(help="With --skip-existing: refuse, naming the keys, instead of rerunning a finished run recorded with other settings.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Rerun finished runs.")] = False,
@@ -414,7 +416,7 @@ def compare(
     flags = {"methods": method, "learners": learner, "datasets": dataset, "seeds": seed, "shots": shots,
              "epochs": epochs, "batch_size": batch_size, "lr": lr, "templates": templates, "perturb": perturb,
              "bootstrap": bootstrap, "model": model, "pretrained": pretrained, "device": device, "output": output,
-             "reference": reference, "wordings": wordings}
+             "reference": reference, "wordings": wordings, "protocol": protocol, "targets": target}
     values.update({k: v for k, v in flags.items() if v not in (None, [])})
     if attack_budget is not None:
         table = values.get("attack", {})

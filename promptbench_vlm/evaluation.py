@@ -32,6 +32,7 @@ from .files import check_output_file, sha256_file
 from .learners import is_checkpoint
 from .learners.base import PromptLearner
 from .perturb import Lexicon, PerturbSpec, load_lexicon, parse_perturbations
+from .protocols import target_subsets
 from .results import backbone_fields, build_result, is_result_file, read_result, write_json
 from .templates import TemplateSet, load_templates
 from .wordings import (WordingProtocol, WordingSplit, evaluation_pools, split_wordings, subset_name, wording_fields,
@@ -59,6 +60,9 @@ class EvalRequest:
         wordings: The wording protocol (``docs/wordings.md``): `templates` is split and each
             subset scored on the seen, held-out and out-of-family pools (``base@held-out``);
             None scores `templates` whole.
+        targets: Dataset specs scored after `subset`, each with all its classes and the same
+            split, as subset ``target:LABEL`` (`protocols.target_subset`): the cross-dataset and
+            domain-generalisation protocols.
     """
 
     model: str = "toy-clip"
@@ -86,6 +90,7 @@ class EvalRequest:
     overwrite: bool = False
     command: list[str] | None = None
     wordings: WordingProtocol | None = None
+    targets: tuple[str, ...] = ()
 
     @property
     def split(self) -> str:
@@ -167,6 +172,8 @@ def load_inputs(request: EvalRequest, dataset: ImageDataset | None = None, note:
         datasets = {s: load_dataset(request.dataset, request.dataset_options, s) for s in request.subsets}
     else:
         datasets = {s: select_subset(dataset, s) for s in request.subsets}
+    for name, target in target_subsets(request.targets).items():
+        datasets[name] = load_dataset(target, request.dataset_options)
     return EvalInputs(templates, specs, lexicon, datasets, wordings)
 
 
@@ -220,6 +227,7 @@ def run_block(request: EvalRequest, learner: PromptLearner, inputs: EvalInputs, 
         "dataset_fingerprint": {d.name: d.fingerprint() for d in inputs.datasets.values()},
         "split": request.split,
         "subset": request.subset,
+        "targets": list(request.targets),
         **wording_fields(inputs.wordings, inputs.templates),
         "perturbations": [{"label": p.label, "op": p.op, "rate": p.rate, "level": p.level}
                           for p in inputs.perturbations],

@@ -69,7 +69,8 @@ def evaluate_zeroshot(sweep: Sweep, spec: RunSpec, folder: Path, progress: Progr
     from ..evaluation import EvalRequest, literal, run_evaluation
 
     request = EvalRequest(model=sweep.model, pretrained=sweep.pretrained, learner=ZEROSHOT, dataset=spec.dataset,
-                          dataset_options=DatasetOptions(split="test"), subset="base-new", templates=sweep.templates,
+                          dataset_options=DatasetOptions(split="test"), subset=sweep.eval_subset,
+                          targets=tuple(sweep.targets), templates=sweep.templates,
                           perturb=sweep.perturb, seed=spec.seed, bootstrap=sweep.bootstrap, device=sweep.device,
                           cache=False, output=literal(folder / RESULT), overwrite=True,  # the claimed cell's own file
                           wordings=sweep.wording_protocol())
@@ -86,12 +87,12 @@ def train_request(sweep: Sweep, spec: RunSpec, folder: Path):
     config = TrainConfig(epochs=settings.epochs or sweep.epochs, batch_size=settings.batch_size or sweep.batch_size,
                          lr=settings.lr if settings.lr is not None else sweep.lr, seed=spec.seed)
     request = TrainRequest(method=sweep.registered(spec.method), learner=spec.learner, model=sweep.model, pretrained=sweep.pretrained,
-                           dataset=spec.dataset, shots=sweep.shots, subset="base", output=str(folder),
+                           dataset=spec.dataset, shots=sweep.shots, subset=sweep.train_subset, output=str(folder),
                            method_options=dict(settings.options), learner_options=dict(settings.learner_options),
                            preset=settings.preset_record, config=config, eval_templates=sweep.templates,
                            wordings=sweep.wording_protocol(),
                            eval_perturb=sweep.perturb, bootstrap=sweep.bootstrap, device=sweep.device,
-                           overwrite=True)
+                           overwrite=True, eval_targets=list(sweep.targets) or None)
     check_request(request)
     return request
 
@@ -123,9 +124,10 @@ def recorded_differences(sweep: Sweep, spec: RunSpec, folder: Path) -> list[str]
         return request_differences(recorded, train_request(sweep, spec, folder))
     run = read_result(folder / RESULT)["run"]
     wanted = {"learner": ZEROSHOT, "model": sweep.model, "pretrained": sweep.pretrained, "dataset": spec.dataset,
-              "split": "test", "subset": "base-new", "seed": spec.seed, "bootstrap": sweep.bootstrap,
-              "perturbations": [p.label for p in parse_perturbations(sweep.perturb)]}
-    run = {**run, "perturbations": [p["label"] for p in run.get("perturbations", [])]}
+              "split": "test", "subset": sweep.eval_subset, "seed": spec.seed, "bootstrap": sweep.bootstrap,
+              "perturbations": [p.label for p in parse_perturbations(sweep.perturb)], "targets": list(sweep.targets)}
+    run = {**run, "perturbations": [p["label"] for p in run.get("perturbations", [])],
+           "targets": run.get("targets") or []}
     return [key for key, value in wanted.items() if run.get(key) != value]
 
 
@@ -202,6 +204,20 @@ def reusable(sweep: Sweep, specs: list[RunSpec], refuse_mismatched: bool,
     return keep
 
 
+def check_transfer_targets(sweep: Sweep) -> None:
+    """Load each source's and target's test split once, before any run: a missing target folder or
+    a domain-generalisation target with foreign classes fails now, not after the training."""
+    from ..data import DatasetOptions, load_dataset
+    from ..protocols import check_targets
+
+    if not sweep.targets:
+        return
+    options = DatasetOptions(split="test")
+    targets = {spec: load_dataset(spec, options) for spec in sweep.targets}
+    for source in sweep.datasets:
+        check_targets(sweep.protocol, load_dataset(source, options), targets)
+
+
 def run_grid(sweep: Sweep, skip_existing: bool = False, overwrite: bool = False,
              progress: ProgressFn | None = None, on_record: Callable[[RunRecord], None] | None = None,
              note: Callable[[str], None] | None = None, refuse_mismatched: bool = False,
@@ -236,6 +252,7 @@ def run_grid(sweep: Sweep, skip_existing: bool = False, overwrite: bool = False,
     specs, left_out = plan(sweep)
     if shard is not None:
         specs = shard_cells(specs, *shard)
+    check_transfer_targets(sweep)
     check_run_folder(Path(sweep.output), (), replace=False, legacy=(SUMMARY,))
     mark_run_folder(Path(sweep.output))  # concurrent sweeps may share it: each cell is claimed in turn
     done_before = [s for s in specs if finished(run_folder(sweep, s))]

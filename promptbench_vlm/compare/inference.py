@@ -124,11 +124,45 @@ def crossed_bootstrap(values: np.ndarray, n_resamples: int = 1000, seed: int = 0
     """
     x = _table(values)
     dist = crossed_bootstrap_means(x, n_resamples, seed, resample_seeds)
+    return _estimate(float(x.mean()), dist, n_resamples, confidence, x.shape[0], resample_seeds)
+
+
+def stratified_bootstrap(tables: list[np.ndarray], n_resamples: int = 1000, seed: int = 0,
+                         confidence: float = 0.95) -> BootstrapDifference:
+    """The mean over strata of each ``[S, N_k]`` table's mean (the average over target datasets),
+    with its crossed seed x image bootstrap: one resample draws the S seeds once for every
+    stratum (each seed is one trained model, scored on every target) and N_k images within each
+    stratum, so a large target weighs no more than a small one, as in the average it estimates.
+
+    For a method difference pass the paired tables ``a − b`` of each stratum.
+    """
+    xs = [_table(t) for t in tables]
+    n_seeds = xs[0].shape[0]
+    if any(x.shape[0] != n_seeds for x in xs):
+        raise ValueError(f"every stratum needs the same seeds, got {[x.shape[0] for x in xs]}")
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be >= 1 for an interval, got {n_resamples}")
+    image_rng, seed_rng = np.random.default_rng(seed), np.random.default_rng([seed, 1])
+    dist = np.zeros(n_resamples)
+    batch = max(1, MAX_RESAMPLE_ELEMENTS // max(x.shape[1] for x in xs))
+    for start in range(0, n_resamples, batch):
+        size = min(batch, n_resamples - start)
+        drawn = seed_rng.integers(0, n_seeds, size=(size, n_seeds))
+        seed_weights = np.stack([np.bincount(d, minlength=n_seeds) for d in drawn]) / n_seeds
+        for x in xs:
+            images = image_rng.integers(0, x.shape[1], size=(size, x.shape[1]))
+            dist[start:start + size] += np.take_along_axis(seed_weights @ x, images, axis=1).mean(1) / len(xs)
+    return _estimate(float(np.mean([x.mean() for x in xs])), dist, n_resamples, confidence, n_seeds)
+
+
+def _estimate(value: float, dist: np.ndarray, n_resamples: int, confidence: float, n_seeds: int,
+              seeds_resampled: bool = True) -> BootstrapDifference:
+    """Percentile interval, bootstrap standard error and its normal two-sided p-value (`normal_p_value`)."""
     alpha = (1 - confidence) / 2
     lo, hi = np.quantile(dist, [alpha, 1 - alpha])
-    value, se = float(x.mean()), float(dist.std(ddof=1)) if n_resamples > 1 else 0.0
-    return BootstrapDifference(value, (float(lo), float(hi)), normal_p_value(value, se), x.shape[0],
-                               bool(resample_seeds and x.shape[0] > 1), se)
+    se = float(dist.std(ddof=1)) if n_resamples > 1 else 0.0
+    return BootstrapDifference(value, (float(lo), float(hi)), normal_p_value(value, se), n_seeds,
+                               seeds_resampled and n_seeds > 1, se)
 
 
 def normal_p_value(value: float, se: float) -> float:

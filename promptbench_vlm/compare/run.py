@@ -19,7 +19,7 @@ from .grid import SUMMARY, RunRecord, collect, load_groups, run_grid, summary_na
 from .markdown import write_markdown
 from .stats import Comparison, Group, GroupSummary, compare_to_reference, summarise
 from .sweep import Sweep
-from .tables import attack_line, wording_line
+from .tables import attack_line, protocol_line, wording_line
 
 
 @dataclass
@@ -112,6 +112,7 @@ def run_comparison(sweep: Sweep, source: str = "flags", skip_existing: bool = Fa
              f"{sweep.epochs} epochs; templates {sweep.templates}; perturbations {sweep.perturb}",
              wording_line(sweep),
              *([attack_line(records)] if sweep.attack is not None else []),
+             protocol_line(sweep),
              f"runs: {finished_runs} finished, " + ", ".join(f"{n} {s}" for s, n in not_run.items() if n or s == "failed")
              + (f"; left out (method does not fit the learner): {', '.join(left_out)}" if left_out else ""),
              f"statistics as data: {JSON_NAME}, {CSV_NAME}"]

@@ -11,6 +11,12 @@ reference on one dataset and one kind of metric: the headline metrics (accuracy,
 worst-case accuracy on every subset and wording pool) form one family, the perturbation metrics
 (AS and LPR per op and level) another, so the verdicts a table's claims rest on are not diluted
 by the 20 perturbation tests per subset.
+
+Under the cross-dataset and domain-generalisation protocols each target dataset is a subset
+(``target:LABEL``) with every statistic above, and ``target-average`` is the mean over the
+targets of each target's mean: its interval and paired test are the stratified crossed bootstrap
+(`inference.stratified_bootstrap`: seeds drawn once for all targets, images within each), with
+the seed-level t-test on the per-seed averages beside it; it joins the method's headline Holm family.
 """
 
 from __future__ import annotations
@@ -21,8 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from ..wordings import POOLS
-from .inference import SeedTest, crossed_bootstrap, holm, seed_paired_test
+from ..protocols import TARGET_AVERAGE, is_target
+from ..wordings import POOLS, split_subset_name, subset_name
+from .inference import SeedTest, crossed_bootstrap, holm, seed_paired_test, stratified_bootstrap
 
 CLEAN_METRICS = ("acc_mean", "sensitivity")
 PERTURBATION_METRICS = ("AS", "LPR", "JSD", "TS")
@@ -70,7 +77,7 @@ class GroupSummary:
 
     group: Group
     subsets: list[str]
-    clean: dict[str, dict[str, Cell]]  # subset -> metric -> cell
+    clean: dict[str, dict[str, Cell]]  # subset (and target-average[@pool]) -> metric -> cell
     base_new: dict[str, Cell]  # base, new, H (no interval on H: it is not a mean over images)
     perturbations: dict[str, dict[str, dict[str, Cell]]]  # subset -> op:level -> metric -> cell
     per_template: dict[str, np.ndarray]  # subset -> [T] accuracy, mean over seeds
@@ -193,6 +200,8 @@ def summarise(group: Group, n_resamples: int = 1000, seed: int = 0) -> GroupSumm
                          pert["metrics"][m].get("ci"), n_resamples, seed)
                 for m in PERTURBATION_METRICS if all(m in p["metrics"] for p in same)}
         per_template[subset] = np.mean([b["per_template_acc"] for b in bodies], axis=0)
+    for average, members in target_groups(subsets).items():
+        clean[average] = _average_cells(members, docs, per_image, n_resamples, seed)
     base_new = _base_new_cells([d.get("base_new") for d in docs], clean, "")
     pools = [p for p in POOLS if all(p in d.get("base_new_by_wording", {}) for d in docs)]
     by_wording = {p: _base_new_cells([d["base_new_by_wording"][p] for d in docs], clean, f"@{p}") for p in pools}
@@ -231,6 +240,32 @@ def _add_worst_case(summary: GroupSummary, n_resamples: int, seed: int) -> None:
             for m in WORST_CASE_METRICS}
         if same:
             summary.worst_case_images[subset], summary.worst_case_pairing[subset] = images, values[0][0]
+
+
+def target_groups(subsets: list[str]) -> dict[str, list[str]]:
+    """``target-average`` (``target-average@held-out`` per wording pool) -> the target subsets it averages."""
+    groups: dict[str, list[str]] = {}
+    for subset in subsets:
+        if is_target(subset):
+            groups.setdefault(subset_name(TARGET_AVERAGE, split_subset_name(subset)[1]), []).append(subset)
+    return groups
+
+
+def _average_cells(members: list[str], docs: list[dict[str, Any]], per_image: dict[str, dict[str, np.ndarray]],
+                   n_resamples: int, seed: int) -> dict[str, Cell]:
+    """The mean over targets of acc_mean and S(θ): per seed, then mean ± std over seeds, with the
+    stratified crossed bootstrap interval when every target holds per-image values."""
+    cells = {}
+    for metric in CLEAN_METRICS:
+        if not all(metric in d["subsets"][m]["metrics"] for d in docs for m in members):
+            continue
+        per_seed = [float(np.mean([d["subsets"][m]["metrics"][metric]["value"] for m in members])) for d in docs]
+        tables = [per_image.get(m, {}).get(metric) for m in members]
+        ci = None
+        if n_resamples > 0 and all(t is not None for t in tables):
+            ci = stratified_bootstrap(tables, n_resamples, seed).ci
+        cells[metric] = Cell(float(np.mean(per_seed)), float(np.std(per_seed)), ci, len(per_seed))
+    return cells
 
 
 def _base_new_cells(per_doc: list[dict[str, float] | None], clean: dict[str, dict[str, Cell]], suffix: str
@@ -288,6 +323,7 @@ def compare_to_reference(summaries: list[GroupSummary], reference: str, n_resamp
                 summary.worst_case_pairing[subset] == ref.worst_case_pairing.get(subset)
             out += _subset_tests(summary, ref, subset, PAIRED_WORST_CASE_METRICS, a, b, same, shared, n_resamples,
                                  seed, missing="no attack of every seed on one side")
+        out += _paired_averages(summary, ref, shared, n_resamples, seed)
     return apply_holm(out)
 
 
@@ -298,15 +334,7 @@ def _subset_tests(summary: GroupSummary, ref: GroupSummary, subset: str, metrics
     """The paired tests of one subset's `metrics` (per-image tables `a` and `b`), or one untested
     comparison per metric with the reason (`missing` when a side has no tables)."""
     g = summary.group
-    note = ""
-    if a is None or b is None:
-        note = missing
-    elif not same_images:
-        note = "different test images"
-    elif not shared:
-        note = "no seed in common"
-    elif n_resamples < 1:
-        note = "bootstrap is off"
+    note = _untested(a is not None and b is not None, same_images, shared, n_resamples, missing)
     out = []
     for metric in metrics:
         if note or metric not in a or metric not in b:
@@ -318,6 +346,46 @@ def _subset_tests(summary: GroupSummary, ref: GroupSummary, subset: str, metrics
         out.append(_paired(g.label, ref.group.label, g.dataset, subset, metric, rows_a, rows_b, shared,
                            n_resamples, seed))
     return out
+
+
+def _paired_averages(summary: GroupSummary, ref: GroupSummary, shared: list[int], n_resamples: int, seed: int
+                     ) -> list[Comparison]:
+    """Paired tests of the target average (each pool's): stratified crossed bootstrap of the
+    per-target differences, and the seed t-test of the per-seed average differences."""
+    g, out = summary.group, []
+    for average, members in target_groups(summary.subsets).items():
+        a, b = [summary.per_image.get(m) for m in members], [ref.per_image.get(m) for m in members]
+        present = all(x is not None for x in a + b)
+        same = present and all(np.array_equal(summary.labels[m], ref.labels.get(m)) for m in members)
+        note = _untested(present, same, shared, n_resamples)
+        for metric in CLEAN_METRICS:
+            if note or any(metric not in x for x in a + b):
+                out.append(Comparison(g.label, ref.group.label, g.dataset, average, metric, None, None, None, False,
+                                      note or "metric missing on one side"))
+                continue
+            rows_a = [x[metric][[summary.seeds.index(s) for s in shared]] for x in a]
+            rows_b = [x[metric][[ref.seeds.index(s) for s in shared]] for x in b]
+            boot = stratified_bootstrap([p - q for p, q in zip(rows_a, rows_b)], n_resamples, seed)
+            mean_a = np.mean([r.mean(1) for r in rows_a], axis=0)[:, None]  # [S, 1]: each seed's average
+            mean_b = np.mean([r.mean(1) for r in rows_b], axis=0)[:, None]
+            test = "seeds x images, by target" if len(shared) > 1 else "images by target (1 seed)"
+            out.append(Comparison(g.label, ref.group.label, g.dataset, average, metric, boot.value, boot.ci,
+                                  boot.p_value, False, test=test, seed_test=seed_paired_test(mean_a, mean_b),
+                                  seeds=tuple(shared)))
+    return out
+
+
+def _untested(present: bool, same_images: bool, shared: list[int], n_resamples: int,
+              missing: str = "no per-image values in the result file(s)") -> str:
+    """Why a pair cannot be tested (empty when it can): `missing` when a side has no per-image
+    tables, else different images, no shared seed or no resamples."""
+    if not present:
+        return missing
+    if not same_images:
+        return "different test images"
+    if not shared:
+        return "no seed in common"
+    return "bootstrap is off" if n_resamples < 1 else ""
 
 
 def _paired(group: str, reference: str, dataset: str, subset: str, metric: str, a: np.ndarray, b: np.ndarray,

@@ -23,6 +23,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 from ..errors import UserError
 from ..files import read_user_text
 from ..names import unknown_name_error
+from ..protocols import BASE2NEW, check_protocol, target_subsets
 
 ZEROSHOT = "zeroshot"
 """The method entry that evaluates the zero-shot learner without training."""
@@ -74,6 +75,8 @@ class Sweep:
     held_out: float = 1 / 3
     wording_seed: int = 0
     out_of_family: str = "out_of_family"
+    protocol: str = "base2new"  # or cross-dataset, domain-generalization (`protocols`), with `targets`
+    targets: list[str] = field(default_factory=list)
     method: dict[str, MethodSettings] = field(default_factory=dict)
     resources: dict[str, Any] = field(default_factory=dict)  # submitit parameters of each run (--launcher)
     attack: AttackSettings | None = None  # worst-case accuracy of every cell (compare/attacks.py)
@@ -96,6 +99,16 @@ class Sweep:
             return controls[0]
         return ZEROSHOT if ZEROSHOT in self.methods else self.methods[0]
 
+    @property
+    def train_subset(self) -> str:
+        """The classes a trained cell trains on: base for base-to-new, all for the transfer protocols."""
+        return "base" if self.protocol == BASE2NEW else "all"
+
+    @property
+    def eval_subset(self) -> str:
+        """The source classes a cell is scored on (the targets come after them)."""
+        return "base-new" if self.protocol == BASE2NEW else "all"
+
     def wording_protocol(self):
         """The sweep's wording protocol (`wordings.WordingProtocol`), or None for ``wordings = "all"``."""
         from ..wordings import protocol_for
@@ -117,8 +130,8 @@ class RunSpec:
         return f"{self.method}/{self.learner}/{self.dataset}/seed{self.seed}"
 
 
-_LISTS = {"methods": str, "learners": str, "datasets": str, "seeds": int}
-_SCALARS = {"shots": int, "epochs": int, "batch_size": int, "lr": float, "templates": str, "perturb": str,
+_LISTS = {"methods": str, "learners": str, "datasets": str, "seeds": int, "targets": str}
+_SCALARS = {"protocol": str, "shots": int, "epochs": int, "batch_size": int, "lr": float, "templates": str, "perturb": str,
             "bootstrap": int, "model": str, "pretrained": str, "device": str, "output": str, "reference": str,
             "wordings": str, "held_out": float, "wording_seed": int, "out_of_family": str}
 
@@ -226,6 +239,8 @@ def build_sweep(values: dict[str, Any]) -> Sweep:
     if sweep.epochs < 1 or sweep.shots < 0 or sweep.bootstrap < 0 or sweep.batch_size < 1:
         raise UserError("sweep: epochs and batch_size must be >= 1, shots and bootstrap >= 0")
     sweep.wording_protocol()  # an unknown wordings mode fails here
+    check_protocol(sweep.protocol, sweep.targets)
+    target_subsets(sweep.targets)  # two targets of one name fail here
     if negative := [s for s in sweep.seeds if s < 0]:
         raise UserError(f"sweep: seeds must be 0 or more, got {negative[0]}")
     for where, lr in [("lr", sweep.lr), *((f"method.{m}.lr", t.lr) for m, t in sweep.method.items())]:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from rich.table import Table
 
+from ..protocols import TARGET_AVERAGE
 from ..wordings import POOLS, split_subset_name, split_wordings, subset_name
 from .grid import RunRecord
 from .sweep import Sweep
@@ -47,10 +48,15 @@ def _all_subsets(summaries: list[GroupSummary]) -> list[str]:
     return list(dict.fromkeys(s for summary in summaries for s in summary.subsets))
 
 
+def _with_averages(summaries: list[GroupSummary], subsets: list[str]) -> list[str]:
+    """`subsets` and, under a transfer protocol, the target averages (``target-average[@pool]``) after them."""
+    return subsets + list(dict.fromkeys(k for s in summaries for k in s.clean if k.startswith(TARGET_AVERAGE)))
+
+
 def wording_table(summaries: list[GroupSummary]) -> TextTable:
     """The wording protocol's table: per method and class subset, accuracy (and H) and S(θ) on the
     seen, held-out and out-of-family wordings side by side."""
-    classes = list(dict.fromkeys(split_subset_name(s)[0] for summary in summaries for s in summary.subsets))
+    classes = list(dict.fromkeys(split_subset_name(s)[0] for s in _with_averages(summaries, _all_subsets(summaries))))
     rows = []
     for s in summaries:
         g = s.group
@@ -65,6 +71,15 @@ def wording_table(summaries: list[GroupSummary]) -> TextTable:
     return TextTable("accuracy (%), H and S(θ) on seen / held-out / out-of-family wordings: mean ± std over seeds "
                      "[95% CI over seeds x images]",
                      ["method", "learner", "dataset", "seeds", "classes", "metric", *POOLS], rows)
+
+
+def protocol_line(sweep: Sweep) -> str:
+    """The report's line on the evaluation protocol (docs/compare.md, "Protocols")."""
+    if not sweep.targets:
+        return f"protocol: {sweep.protocol} (trained on the base classes; scored on base and new, H)"
+    return (f"protocol: {sweep.protocol} (trained on all classes of the source; scored on its test split, subset "
+            f"'all', and on each target with its own classes: {', '.join(sweep.targets)}; {TARGET_AVERAGE} = "
+            "mean over the targets)")
 
 
 def wording_line(sweep: Sweep) -> str:
@@ -96,6 +111,7 @@ def headline_table(summaries: list[GroupSummary]) -> TextTable:
     if any(split_subset_name(s)[1] for s in subsets):
         return wording_table(summaries)
     with_h = any(s.base_new for s in summaries)
+    subsets = _with_averages(summaries, subsets)
     acc_cols = ["base", "new", "H"] if with_h else subsets
     header = ["method", "learner", "dataset", "seeds"]
     header += [f"{c} (%)" if with_h else f"acc {c} (%)" for c in acc_cols] + [f"S(θ) {s}" for s in subsets]

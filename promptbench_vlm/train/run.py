@@ -69,6 +69,7 @@ class TrainRequest:
     fewshot_cache: str | None = str(DEFAULT_CACHE)
     dataset_options: DatasetOptions = field(default_factory=DatasetOptions)
     preset: dict[str, Any] | None = None  # the preset's name, source, values and what the flags overrode
+    eval_targets: list[str] | None = None  # datasets also scored at the end (cross-dataset, DG: `protocols`)
 
 
 def check_request(request: TrainRequest) -> None:
@@ -182,7 +183,8 @@ def keep_log_until(path: Path, step: int) -> None:
 
 def final_evaluation(request: TrainRequest) -> EvalRequest:
     """The evaluation of the trained checkpoint: the first dataset's test split, base and new
-    classes when trained on base (else the trained subset), into the run folder's result file."""
+    classes when trained on base (else the trained subset), then each of `eval_targets` with its
+    own classes, into the run folder's result file."""
     source = request.dataset if isinstance(request.dataset, str) else request.dataset[0]
     folder = Path(request.output)
     return EvalRequest(model=request.model, pretrained=request.pretrained, learner=str(folder / CHECKPOINT),
@@ -191,7 +193,8 @@ def final_evaluation(request: TrainRequest) -> EvalRequest:
                        templates=request.eval_templates, perturb=request.eval_perturb, seed=request.config.seed,
                        bootstrap=request.bootstrap, num_workers=request.config.num_workers, device=request.device,
                        amp=request.config.amp, cache=False, output=literal(folder / RESULT), overwrite=True,
-                       wordings=request.wordings)  # the claimed run folder's own result file
+                       wordings=request.wordings,  # the claimed run folder's own result file
+                       targets=tuple(request.eval_targets or ()))
 
 
 def run_training(request: TrainRequest, extra_run: dict[str, Any] | None = None, progress: ProgressFn | None = None,
