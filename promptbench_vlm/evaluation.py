@@ -227,7 +227,7 @@ def run_block(request: EvalRequest, learner: PromptLearner, inputs: EvalInputs, 
         "dataset_fingerprint": {d.name: d.fingerprint() for d in inputs.datasets.values()},
         "split": request.split,
         "subset": request.subset,
-        "targets": list(request.targets),
+        **({"targets": list(request.targets)} if request.targets else {}),  # the transfer protocols only
         **wording_fields(inputs.wordings, inputs.templates),
         "perturbations": [{"label": p.label, "op": p.op, "rate": p.rate, "level": p.level}
                           for p in inputs.perturbations],
