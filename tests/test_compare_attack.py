@@ -52,9 +52,11 @@ def test_a_rerun_with_the_attack_key_reuses_the_cells_and_adds_only_the_attacks(
     trained = {**stamps(out, "learner.safetensors"), **stamps(out, "result.json"), **stamps(out, "train.json")}
     assert "Worst-case" not in (out / "report.md").read_text()
 
-    code, _, err = run_cli(monkeypatch, capsys, "compare", str(sweep_file(tmp_path, data, ATTACK)), "--skip-existing")
+    code, _, err = run_cli(monkeypatch, capsys, "compare", str(sweep_file(tmp_path, data, ATTACK)), "--skip-existing",
+                           "--plot")
     assert code == 0, err
     assert {(r["status"], r["attack"]) for r in runs(tmp_path).values()} == {("existing", "done")}
+    assert (out / "plots" / "worst_case_vs_budget.png").stat().st_size > 10_000
     assert {**stamps(out, "learner.safetensors"), **stamps(out, "result.json"), **stamps(out, "train.json")} == trained
     cells = {key: Path(r["folder"]) for key, r in runs(tmp_path).items()}
     docs = {(key, subset): read_attack(folder / f"attack-{subset}.json")  # valid against the shipped schema
@@ -73,7 +75,8 @@ def test_a_rerun_with_the_attack_key_reuses_the_cells_and_adds_only_the_attacks(
         assert docs[(("erm", 2), subset)]["counts"]["texts_encoded"] > 0  # its own learned context
     report = (out / "report.md").read_text()
     table = report.split("## Worst-case accuracy")[1].split("##")[0]
-    assert "budget 8 wordings" in table and len([r for r in table.splitlines() if r.startswith("| zeroshot")]) == 2
+    assert "budget 8 wordings" in table and len([r for r in table.splitlines() if r.startswith("| zeroshot")]) == 4
+    assert "| 3 wordings |" in table and "| 8 wordings |" in table  # the budget-curve table beside it
     assert "attack (worst-case accuracy): 4 done" in report
 
     # the worst-case numbers follow from the attack files, with the statistics of every other column
@@ -85,6 +88,9 @@ def test_a_rerun_with_the_attack_key_reuses_the_cells_and_adds_only_the_attacks(
             cell = groups[method]["worst_case"][subset]["worst_acc"]
             assert cell["mean"] == pytest.approx(np.mean(worst)) and cell["std"] == pytest.approx(np.std(worst))
             assert cell["n_seeds"] == 2 and cell["ci"][0] <= cell["mean"] <= cell["ci"][1]
+            curve = groups[method]["worst_case_curve"][subset]  # the budget curve ends at the search's pick
+            assert curve["wordings"][0] == len(TEMPLATES) and curve["wordings"][-1] == 8
+            assert curve["mean"][-1] == pytest.approx(np.mean(worst))
     tests = [c for c in stats["comparisons"] if c["metric"] == "worst_acc"]
     assert {(c["group"], c["reference"], c["subset"]) for c in tests} == {("erm/coop", "zeroshot", "base"),
                                                                            ("erm/coop", "zeroshot", "new")}

@@ -43,7 +43,8 @@ def group_doc(summary: GroupSummary) -> dict[str, Any]:
             "base_new_by_wording": {pool: _cells(cells) for pool, cells in summary.base_new_by_wording.items()},
             "perturbations": {subset: {label: _cells(cells) for label, cells in labels.items()}
                               for subset, labels in summary.perturbations.items()},
-            "worst_case": {subset: _cells(cells) for subset, cells in summary.worst_case.items()}}
+            "worst_case": {subset: _cells(cells) for subset, cells in summary.worst_case.items()},
+            "worst_case_curve": {subset: asdict(curve) for subset, curve in summary.worst_case_curve.items()}}
 
 
 def comparison_doc(c: Comparison) -> dict[str, Any]:

@@ -8,8 +8,8 @@ from pathlib import Path
 from .grid import RunRecord
 from .stats import Comparison, GroupSummary
 from .sweep import Sweep
-from .tables import (headline_table, paired_table, perturbation_tables, runs_table, survivors, to_markdown,
-                     worst_case_table)
+from .tables import (budget_curve_table, headline_table, paired_table, perturbation_tables, runs_table, survivors,
+                     to_markdown, worst_case_table)
 
 
 def write_markdown(path: str | Path, title: str, setup: list[str], summaries: list[GroupSummary],
@@ -38,6 +38,8 @@ def write_markdown(path: str | Path, title: str, setup: list[str], summaries: li
                   "picked on the search images and reported on the other images (docs/attack.md); its paired "
                   "test against the reference (metric worst-case acc) is among the paired tests below.", "",
                   to_markdown(worst)]
+        if (curve := budget_curve_table(summaries)) is not None:
+            parts += [to_markdown(curve)]
     if comparisons:
         tested = sum(c.p_value is not None for c in comparisons)
         kept = survivors(comparisons)

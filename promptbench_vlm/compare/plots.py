@@ -2,7 +2,7 @@
 
 Three views: accuracy per template for each method (Promise's figure-3 style: how far the
 choice of template moves each method), sensitivity against accuracy, and the accuracy shift of
-each perturbation with its interval.
+each perturbation with its interval; with attacks, a fourth: worst-case accuracy against budget.
 """
 
 from __future__ import annotations
@@ -130,9 +130,36 @@ def accuracy_shift(summaries: list[GroupSummary], path: Path) -> Path:
     return _save(fig, path)
 
 
+def budget_curve(summaries: list[GroupSummary], path: Path) -> Path:
+    """Worst-case accuracy found against the number of wordings scored, per method (mean over
+    seeds, shaded ± std), one panel per class subset: how fast the search finds a weak wording."""
+    plt = pyplot()
+    datasets = {s.group.dataset for s in summaries}
+    subsets = list(dict.fromkeys(sub for s in summaries for sub in s.worst_case_curve))
+    fig, axes = plt.subplots(len(subsets), 1, figsize=(8, 3.2 * len(subsets)), squeeze=False)
+    for ax, subset in zip(axes[:, 0], subsets):
+        for s in summaries:
+            curve = s.worst_case_curve.get(subset)
+            if curve is None:
+                continue
+            mean, std = np.asarray(curve.mean), np.asarray(curve.std)
+            line, = ax.step(curve.wordings, mean, where="post", linewidth=1.2, label=_name(s, datasets))
+            ax.fill_between(curve.wordings, mean - std, mean + std, step="post", alpha=0.15, color=line.get_color())
+        ax.set_title(f"worst-case accuracy found vs budget, subset {subset} (report images)", fontsize=9)
+        ax.set_xlabel("wordings scored (start templates first)")
+        ax.set_ylabel("worst-case accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def all_plots(summaries: list[GroupSummary], folder: Path) -> list[Path]:
-    """Write the three figures into `folder`; return their paths."""
+    """Write the three figures (and, with attacks, the budget curve) into `folder`; return their paths."""
     folder = Path(folder)
-    return [template_accuracy(summaries, folder / "accuracy_per_template.png"),
-            sensitivity_accuracy(summaries, folder / "sensitivity_vs_accuracy.png"),
-            accuracy_shift(summaries, folder / "accuracy_shift.png")]
+    paths = [template_accuracy(summaries, folder / "accuracy_per_template.png"),
+             sensitivity_accuracy(summaries, folder / "sensitivity_vs_accuracy.png"),
+             accuracy_shift(summaries, folder / "accuracy_shift.png")]
+    if any(s.worst_case_curve for s in summaries):
+        paths.append(budget_curve(summaries, folder / "worst_case_vs_budget.png"))
+    return paths

@@ -72,6 +72,16 @@ class Group:
 
 
 @dataclass
+class BudgetCurve:
+    """Worst-case accuracy (%, report images) of the search's pick after each number of wordings
+    scored, mean and std over the group's seeds (docs/attack.md, ``curve``)."""
+
+    wordings: list[int]
+    mean: list[float]
+    std: list[float]
+
+
+@dataclass
 class GroupSummary:
     """Everything the tables and plots show for one group."""
 
@@ -89,6 +99,7 @@ class GroupSummary:
     worst_case: dict[str, dict[str, Cell]] = field(default_factory=dict)  # class subset -> WORST_CASE_METRICS
     worst_case_images: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # subset -> metric -> [S, N]
     worst_case_pairing: dict[str, str] = field(default_factory=dict)  # subset -> which report images (for pairing)
+    worst_case_curve: dict[str, BudgetCurve] = field(default_factory=dict)  # subset -> worst-case acc vs budget
 
 
 @dataclass
@@ -240,6 +251,20 @@ def _add_worst_case(summary: GroupSummary, n_resamples: int, seed: int) -> None:
             for m in WORST_CASE_METRICS}
         if same:
             summary.worst_case_images[subset], summary.worst_case_pairing[subset] = images, values[0][0]
+        summary.worst_case_curve[subset] = budget_curve([a[subset]["curve"] for a in attacks])
+
+
+def budget_curve(curves: list[list[dict[str, Any]]]) -> BudgetCurve:
+    """The seeds' budget curves on one axis: at each number of wordings any seed recorded, each
+    seed's worst report accuracy so far (its last point at or before it; a search that ran out of
+    neighbours early keeps its last value), averaged."""
+    counts = sorted({p["wordings"] for curve in curves for p in curve})
+    table = np.empty((len(curves), len(counts)))
+    for row, curve in enumerate(curves):
+        points = sorted((p["wordings"], 100.0 * p["worst_report_acc"]) for p in curve)
+        at = np.searchsorted([w for w, _ in points], counts, side="right") - 1
+        table[row] = [points[max(i, 0)][1] for i in at]
+    return BudgetCurve(counts, table.mean(0).tolist(), table.std(0).tolist())
 
 
 def target_groups(subsets: list[str]) -> dict[str, list[str]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 from rich.table import Table
 
 from ..protocols import TARGET_AVERAGE
@@ -146,6 +147,24 @@ def worst_case_table(summaries: list[GroupSummary], sweep: Sweep | None = None) 
                      "never saw; docs/attack.md): mean ± std over seeds [95% CI over seeds x report images]",
                      ["method", "learner", "dataset", "seeds", "classes", "acc, start templates", "worst-case acc",
                       "gap"], rows)
+
+
+def budget_curve_table(summaries: list[GroupSummary]) -> TextTable | None:
+    """Worst-case accuracy found after the start templates and after a quarter, half, three
+    quarters and all of the budget, per group and class subset (None without attacks)."""
+    curves = [(s, subset, c) for s in summaries for subset, c in s.worst_case_curve.items()]
+    if not curves:
+        return None
+    first, last = min(c.wordings[0] for _, _, c in curves), max(c.wordings[-1] for _, _, c in curves)
+    marks = list(dict.fromkeys([first, *(max(first, round(last * q)) for q in (0.25, 0.5, 0.75)), last]))
+    rows = []
+    for s, subset, curve in curves:
+        at = np.maximum(np.searchsorted(curve.wordings, marks, side="right") - 1, 0)  # the last point at or before
+        several = s.worst_case[subset]["worst_acc"].n_seeds > 1
+        rows.append([s.group.label, s.group.dataset, subset]
+                    + [f"{curve.mean[i]:.2f}" + (f" ± {curve.std[i]:.2f}" if several else "") for i in at])
+    return TextTable("worst-case accuracy (%) found against the budget (wordings scored, start templates first): "
+                     "mean ± std over seeds", ["method", "dataset", "classes", *(f"{m} wordings" for m in marks)], rows)
 
 
 def perturbation_tables(summaries: list[GroupSummary]) -> list[TextTable]:
