@@ -125,7 +125,8 @@ def compare_methods(methods: list[str], learners: list[str], datasets: list[str]
         **sweep: Any other sweep key (``docs/compare.md``): ``seeds``, ``shots``, ``epochs``,
             ``templates``, ``perturb``, ``bootstrap``, ``model``, ``reference``, ``wordings``,
             ``method`` (per-method tables), ``attack`` (e.g. ``{"budget": 300}``: every cell's
-            worst-case accuracy, `compare.attacks`), ...
+            worst-case accuracy, `compare.attacks`), ``protocol`` and ``targets`` (cross-dataset
+            and domain-generalisation transfer, ``protocol="cross-dataset", targets=["toy-colours"]``), ...
 
     Raises:
         UserError: a bad sweep (unknown key, method or learner), or no run finished.

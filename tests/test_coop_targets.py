@@ -61,3 +61,50 @@ def test_the_imagenet_variants_are_test_sets_only(root, tmp_path):
         load_dataset(f"coop:imagenetv2@{tmp_path}")
     with pytest.raises(UserError, match=r"missing class list: expected '.*imagenet-rendition.classnames.txt'"):
         load_dataset(f"coop:imagenet_r@{tmp_path}")
+
+
+def test_domain_generalization_accepts_the_imagenet_variants_and_refuses_other_classes(root):
+    from promptbench_vlm.compare.grid import check_transfer_targets
+    from promptbench_vlm.compare.sweep import build_sweep
+
+    variants = [f"coop:{name}@{root}" for name in ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")]
+    sweep = {"methods": ["zeroshot"], "datasets": [f"coop:imagenet@{root}"], "protocol": "domain-generalization"}
+    check_transfer_targets(build_sweep({**sweep, "targets": variants}))  # -A and -R: a subset of ImageNet's classes
+    others = [f"coop:{name}@{root}" for name in CROSS_DATASET_TARGETS]
+    with pytest.raises(UserError, match="coop:caltech101.*lacks.*cross-dataset"):
+        check_transfer_targets(build_sweep({**sweep, "targets": others}))
+    check_transfer_targets(build_sweep({**sweep, "protocol": "cross-dataset", "targets": others}))
+
+
+def test_compare_runs_imagenet_to_its_four_variants_on_the_real_layouts(root, tmp_path):
+    from conftest import TINY_CONFIG, run_console
+
+    from promptbench_vlm.results import read_result
+
+    (tmp_path / "t.txt").write_text("a photo of a {}.\na sketch of a {}.\n")
+    targets = ", ".join(f'"coop:{n}@{root}"' for n in ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r"))
+    sweep = tmp_path / "dg.toml"
+    sweep.write_text(f"""protocol = "domain-generalization"
+datasets = ["coop:imagenet@{root}"]
+targets = [{targets}]
+methods = ["zeroshot", "erm"]
+learners = ["coop"]
+seeds = [1]
+shots = 1
+epochs = 1
+templates = "{tmp_path / 't.txt'}"
+wordings = "all"
+perturb = "drop:strong"
+bootstrap = 20
+model = "{TINY_CONFIG}"
+device = "cpu"
+output = "{tmp_path / 'out'}"
+""")
+    proc = run_console("compare", str(sweep), env={"PROMPTBENCH_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cell = next((tmp_path / "out").glob("*/erm__coop__seed1"))
+    doc = read_result(cell / "result.json")
+    assert list(doc["subsets"]) == ["all", "target:coop-imagenetv2", "target:coop-imagenet_sketch",
+                                    "target:coop-imagenet_a", "target:coop-imagenet_r"]
+    assert [b["n_classes"] for b in doc["subsets"].values()] == [6, 6, 6, 3, 3]  # -A, -R: their subset's classes
+    assert [b["n_images"] for b in doc["subsets"].values()] == [6, 6, 6, 6, 6]
