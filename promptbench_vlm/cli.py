@@ -103,6 +103,7 @@ def evaluate(
     dataset: DatasetOption = "toy-shapes",
     split: Annotated[str, typer.Option(help="Dataset split.")] = "test",
     subset: Annotated[str, typer.Option(help="all | base | new | base-new (both, with H).")] = "all",
+    target: Annotated[list[str], typer.Option("--target", help="Also score this dataset (same split, all its classes) as subset target:LABEL: cross-dataset / domain-generalization transfer. Repeatable.")] = [],
     image_column: Annotated[str, typer.Option(help="HF datasets: the image column.")] = "image",
     label_column: Annotated[str, typer.Option(help="HF datasets: the label column.")] = "label",
     trust_remote_code: Annotated[bool, typer.Option(help="HF datasets: allow the dataset's own loading code.")] = False,
@@ -149,7 +150,7 @@ def evaluate(
         mask_token=mask_token, seed=seed, bootstrap=bootstrap, batch_size=batch_size, num_workers=num_workers,
         device=device, amp=amp, cache=cache, cache_dir=str(cache_dir) if cache_dir else None, output=output,
         resume=resume, overwrite=overwrite,
-        wordings=protocol_for(wordings, templates, held_out, wording_seed, out_of_family),
+        wordings=protocol_for(wordings, templates, held_out, wording_seed, out_of_family), targets=tuple(target),
     )
     if csv and distributed.is_main():
         check_output_file(csv, overwrite, flag="--csv")
@@ -176,6 +177,7 @@ def train(
     dataset: Annotated[list[str], typer.Option(help="Dataset spec; its train split is trained on, its test split evaluated. Repeatable: train on several side by side (maml-clip: one task source each), evaluate on the first.")] = ["toy-shapes"],
     shots: Annotated[int, typer.Option(help="Images per class (few-shot, drawn with the seed); 0 = all.")] = 16,
     subset: Annotated[str, typer.Option(help="Classes to train on: base (then evaluate base and new), new or all.")] = "base",
+    target: Annotated[list[str], typer.Option("--target", help="Also evaluate the trained learner on this dataset's test split with its own classes (cross-dataset / domain-generalization; train with --subset all). Repeatable.")] = [],
     epochs: Annotated[int, typer.Option(min=1)] = 5,
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate; default: the method's for the learner.")] = None,
@@ -243,6 +245,7 @@ def train(
         eval_templates=eval_templates, eval_perturb=eval_perturb, bootstrap=bootstrap, device=device,
         overwrite=overwrite, resume=resume,
         wordings=protocol_for(wordings, eval_templates, held_out, wording_seed, out_of_family),
+        eval_targets=list(target) or None,
     )
     doc = _interruptible(lambda progress: run_training(request, progress=progress, note=_note))
     if not distributed.is_main():

@@ -140,3 +140,22 @@ def test_the_stratified_bootstrap_weighs_each_target_equally():
     assert both.value == 5.0 and both.ci == (5.0, 5.0)  # the mean of the two means, not of the 1000 images
     shifted = stratified_bootstrap([one + 1.0, rng.normal(1.0, 1.0, size=(3, 60))], 400, seed=1)
     assert shifted.p_value < 0.05 and shifted.ci[0] > 0
+
+
+def test_evaluate_and_train_score_targets_with_the_same_evaluation(tmp_path):
+    (tmp_path / "t.txt").write_text("\n".join(TEMPLATES[:3]) + "\n")
+    common = ["--model", str(TINY_CONFIG), "--device", "cpu", "--bootstrap", "20"]
+    proc = run_console("evaluate", *common, "--templates", str(tmp_path / "t.txt"), "--perturb", "drop:strong",
+                       "--target", "toy-forms", "--target", "toy-shapes:hard", "--output", str(tmp_path / "e.json"),
+                       "--no-cache")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = read_result(tmp_path / "e.json")
+    assert list(doc["subsets"]) == ["all", "target:toy-forms", "target:toy-shapes-hard"]
+    assert doc["run"]["targets"] == ["toy-forms", "toy-shapes:hard"]
+    proc = run_console("train", *common, "--subset", "all", "--shots", "1", "--epochs", "1", "--eval-templates",
+                       str(tmp_path / "t.txt"), "--eval-perturb", "none", "--target", "toy-colours",
+                       "--output", str(tmp_path / "run"), env={"PROMPTBENCH_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    trained = read_result(tmp_path / "run" / "result.json")
+    assert list(trained["subsets"]) == ["all", "target:toy-colours"]
+    assert trained["subsets"]["target:toy-colours"]["n_classes"] == 8
