@@ -217,3 +217,14 @@ def test_docs_describe_every_field_of_the_attack_schema():
     run_only = set(attack_schema()["$defs"]["run"]["properties"]) - {"attack"}
     assert not sorted(n for n in names - run_only if f"`{n}`" not in attack_doc)
 
+
+
+def test_a_learner_is_refused_by_its_capability_not_its_name(zeroshot):
+    class Conditional(type(zeroshot)):  # any learner whose text features depend on the image
+        name = "my-plugin"
+        conditional = True
+
+    zeroshot.__class__ = Conditional
+    with pytest.raises(UserError, match="'my-plugin' cannot be attacked: it lacks the capability 'unconditional'"):
+        run_attack(request(), AttackSettings(budget=4), learner=zeroshot, dataset=ColourDataset(per_class=2),
+                   templates=STARTS)
