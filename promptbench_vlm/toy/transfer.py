@@ -122,8 +122,8 @@ class ShiftedShapes(_ToyTarget):
             raise unknown_name_error("toy-shapes domain", domain, DOMAINS)
         self.domain = DOMAINS[domain]
         self.source_labels = list(range(0, len(CLASSNAMES), self.domain.every))
-        sizes = SPLIT_SIZES[split] if split in SPLIT_SIZES else 0
-        super().__init__(f"toy-shapes:{domain}", [CLASSNAMES[i] for i in self.source_labels], sizes, split, seed)
+        super().__init__(f"toy-shapes:{domain}", [CLASSNAMES[i] for i in self.source_labels],
+                         SPLIT_SIZES.get(split, 0), split, seed)
 
     def load(self, index: int) -> Image.Image:
         self._check(index)
