@@ -133,6 +133,8 @@ def test_base_and_new_paths_differ_exactly_as_documented(tiny_backbone, images):
         with learner.scoring("new"):
             new = learner.encode_images(images)
             assert learner.feature_mode == "cls"
+        with learner.scoring("target:toy-forms@held-out"):  # a transfer target: unseen, as new classes
+            torch.testing.assert_close(learner.encode_images(images), new)
         torch.testing.assert_close(base, 0.7 * cls + 0.3 * rep)
         torch.testing.assert_close(new, cls)
         assert (base - new).abs().max() > 1e-3

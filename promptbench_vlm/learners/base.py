@@ -121,8 +121,8 @@ class PromptLearner(nn.Module):
         raise NotImplementedError
 
     def scoring(self, subset: str) -> AbstractContextManager[None]:
-        """The context in which the evaluator scores `subset` (``all``, ``base``, ``new``, with an
-        ``@pool`` suffix under the wording protocol). A learner whose inference path depends on
+        """The context in which the evaluator scores `subset` (``all``, ``base``, ``new``, or a
+        transfer target ``target:LABEL``, with an ``@pool`` suffix under the wording protocol). A learner whose inference path depends on
         whether the classes were seen in training switches here (MMRL: combined features for
         base, class token for new), so the evaluator need not know it; default: nothing changes."""
         return nullcontext()

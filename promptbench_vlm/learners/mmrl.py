@@ -33,6 +33,7 @@ from torch import nn
 from ..backbone import Backbone
 from ..errors import UserError
 from ..options import option
+from ..protocols import is_target
 from . import text
 from .base import Capabilities, PromptLearner
 from .blocks import LayerPrompts
@@ -143,10 +144,11 @@ class MMRLLearner(PromptLearner):
     @contextmanager
     def scoring(self, subset: str) -> Iterator[None]:
         """Score base classes (and 'all', the trained-on classes) with the combined features and
-        new classes with the class token alone, unless the `branch` option fixes one path."""
+        new classes and transfer targets (``target:LABEL``) with the class token alone, as the
+        reference does on cross-dataset and DG targets, unless the `branch` option fixes one path."""
         chosen = self.config.branch
         if chosen == "auto":
-            chosen = "cls" if subset.split("@")[0] == "new" else "fused"
+            chosen = "cls" if subset.split("@")[0] == "new" or is_target(subset) else "fused"
         previous, self.active_branch = self.active_branch, chosen
         try:
             yield
