@@ -11,8 +11,7 @@
    Target: in-process evaluation / floor <= 1.15.
 2. Scale: the bootstrap stage at N = 50,000 images (random scores in the default layout: 60
    templates, the default perturbations, every per-image vector of the run, 1000 resamples;
-   target < 1 s) and the prompt table at C = 1,000 classes (60 templates x the default specs),
-   built and loaded from the feature cache (target < 2 s).
+   target < 1 s). The prompt table at C = 1,000 classes is in ``bench_scale.py``.
 3. Memory: C = 1000, N = 10,000, T = 60 (+ one perturbation): the evaluator's peak resident
    growth against one [T, N, C] float32 logits tensor (2.4 GB).
 
@@ -47,7 +46,7 @@ from promptbench_vlm.evaluate import EvalSettings, Evaluator, Scores, TemplateSc
 from promptbench_vlm.learners import build_learner
 from promptbench_vlm.learners.base import PromptLearner
 from promptbench_vlm.perturb import load_lexicon, parse_perturbations
-from promptbench_vlm.prompts import build_prompt_table, prompt_table
+from promptbench_vlm.prompts import build_prompt_table
 from promptbench_vlm.templates import load_templates
 from timing import interleaved, machine_note, measure, ratios, run_command, threads_from_env, timing_s  # benchmarks/
 
@@ -179,21 +178,6 @@ def bootstrap_at_scale(n_images: int = 50_000, n_classes: int = 10, repeats: int
           f"{timing_s(boot)} (target < 1 s), the whole metrics stage {timing_s(stage)}")
 
 
-def prompt_table_at_scale(n_classes: int = 1000, repeats: int = 3) -> None:
-    s = default_settings()
-    classnames = Blank(1, n_classes).classnames
-    lexicon = load_lexicon()
-    with tempfile.TemporaryDirectory() as folder:
-        cache = FeatureCache(folder)
-        built = measure(lambda: prompt_table(s.templates, classnames, s.perturbations, s.draws, s.seed, lexicon, cache))
-        loaded = [measure(lambda: prompt_table(s.templates, classnames, s.perturbations, s.draws, s.seed, lexicon,
-                                               cache)) for _ in range(repeats)]
-        n_texts = len(prompt_table(s.templates, classnames, s.perturbations, s.draws, s.seed, lexicon, cache).texts)
-    print(f"[scale] prompt table, C={n_classes:,} classes, {len(s.templates)} templates x {len(s.perturbations)} "
-          f"specs ({n_texts:,} unique strings): built {timing_s([built])} (first run), loaded from the cache "
-          f"{timing_s(loaded)} (target < 2 s)")
-
-
 def memory_check(n_images: int = 10_000, n_classes: int = 1000) -> None:
     templates = load_templates().templates
     settings = EvalSettings(templates=templates, perturbations=tuple(parse_perturbations("drop:weak")),
@@ -222,7 +206,6 @@ if __name__ == "__main__":
     overhead(args.repeats)
     if not args.skip_scale:
         bootstrap_at_scale()
-        prompt_table_at_scale()
     if not args.skip_memory:
         memory_check()
     print(f"[machine] at the end: {machine_note()}")

@@ -12,10 +12,15 @@
    of all processes), start-up included, and the CPU time net of start-up (every process imports
    torch and open_clip, and torchrun's launcher imports torch too: fixed costs the ranks cannot
    share). Target: CPU time 2 ranks / 1 process <= 1.15.
+3. Classes: the prompt table at C = 1,000 classes (60 templates x the default specs, about
+   600,000 perturbations), built on a first run and loaded from the feature cache on later ones
+   (target < 2 s), beside what seeding one generator per perturbation alone costs (the SHA-256
+   of its arguments and the seeding of CPython's Mersenne Twister, which fix every perturbed
+   string): the floor of a build that keeps the strings.
 
 Ratios are medians of interleaved repetitions with their range.
 
-Run: python benchmarks/bench_scale.py [--repeats 3] [--skip-torchrun]
+Run: python benchmarks/bench_scale.py [--repeats 3] [--skip-torchrun] [--skip-classes]
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ from promptbench_vlm.cache import FeatureCache
 from promptbench_vlm.data import load_dataset
 from promptbench_vlm.evaluate import EvalSettings, Evaluator
 from promptbench_vlm.learners import build_learner
-from promptbench_vlm.perturb import parse_perturbations
+from promptbench_vlm.perturb import _rng, fill_template, load_lexicon, parse_perturbations
+from promptbench_vlm.prompts import draw_seed, prompt_table
 from promptbench_vlm.templates import load_templates
 from timing import Ratio, Timing, interleaved, machine_note, measure, ratios, run_command, threads_from_env, timing_s  # benchmarks/
 
@@ -112,10 +118,42 @@ def torchrun_ratio(repeats: int, threads: int) -> None:
           f"{Ratio.of(net_two, net_one)} ({statistics.median(net_two):.2f} s vs {statistics.median(net_one):.2f} s)")
 
 
+def prompt_table_at_scale(repeats: int, n_classes: int = 1000) -> None:
+    settings = EvalSettings(templates=load_templates().templates, perturbations=tuple(parse_perturbations("default")))
+    templates, specs, draws, seed = settings.templates, settings.perturbations, settings.draws, settings.seed
+    classnames = [f"object number {c}" for c in range(n_classes)]
+    lexicon = load_lexicon()
+
+    def table(cache: FeatureCache) -> int:
+        return len(prompt_table(templates, classnames, specs, draws, seed, lexicon, cache).texts)
+
+    def seeding() -> None:  # what every build pays before any op runs
+        for spec in specs:
+            for template in templates:
+                for name in classnames:
+                    text, span = fill_template(template, name)
+                    for r in range(draws):
+                        _rng(text, span, spec.op, spec.amount, draw_seed(seed, r))
+
+    built, loaded, seeded, sizes = [], [], [], []
+    for _ in range(repeats):
+        with tempfile.TemporaryDirectory() as folder:
+            cache = FeatureCache(folder)
+            built.append(measure(lambda: sizes.append(table(cache))))
+            loaded.append(measure(lambda: table(cache)))
+        seeded.append(measure(seeding))
+    calls = len(templates) * n_classes * len(specs) * draws
+    print(f"[classes] prompt table, C={n_classes:,} classes, {len(templates)} templates x {len(specs)} specs "
+          f"({calls:,} perturbations, {sizes[0]:,} unique strings): first build {timing_s(built)}, loaded from the "
+          f"cache {timing_s(loaded)} (target < 2 s); seeding the generators alone {timing_s(seeded)}")
+    print(f"[classes] RATIO first build / seeding alone: {ratios(built, seeded)}")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-torchrun", action="store_true")
+    parser.add_argument("--skip-classes", action="store_true")
     args = parser.parse_args()
     threads = threads_from_env()
     print(f"[machine] {machine_note()}; torch threads {threads}")
@@ -123,4 +161,6 @@ if __name__ == "__main__":
     cache_ratio_commands(args.repeats)
     if not args.skip_torchrun:
         torchrun_ratio(args.repeats, threads)
+    if not args.skip_classes:
+        prompt_table_at_scale(args.repeats)
     print(f"[machine] at the end: {machine_note()}")
