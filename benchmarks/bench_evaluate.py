@@ -115,7 +115,7 @@ def overhead(repeats: int) -> None:
         texts_file.write_text(json.dumps(texts))
         script = [sys.executable, str(Path(__file__).resolve()), "--floor-command", str(texts_file)]
         command = [str(Path(sys.executable).parent / "promptbench"), "evaluate", "--no-cache", "--device", "cpu",
-                   "--output", str(Path(folder) / "result.json")]
+                   "--overwrite", "--output", str(Path(folder) / "result.json")]
         whole = interleaved({"evaluate": lambda: run_command(command), "floor": lambda: run_command(script)}, repeats)
     print(f"[overhead] whole commands: promptbench evaluate {timing_s(whole['evaluate'])}, floor command "
           f"{timing_s(whole['floor'])}")

@@ -48,7 +48,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 def evaluate_command(output: Path, *extra: str, launcher: tuple[str, ...] = (sys.executable,)) -> list[str]:
     """``promptbench evaluate`` as ``python -m promptbench_vlm`` (what torchrun starts per rank)."""
-    return [*launcher, *MODULE, "evaluate", "--device", "cpu", "--output", str(output), *extra]
+    return [*launcher, *MODULE, "evaluate", "--device", "cpu", "--overwrite", "--output", str(output), *extra]
 
 
 def cache_ratio_in_process(repeats: int) -> None:
