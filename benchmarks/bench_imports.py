@@ -21,7 +21,8 @@ from pathlib import Path
 
 from timing import machine_note  # benchmarks/
 
-HEAVY = ("torch", "open_clip", "torchvision", "timm", "scipy", "datasets", "pandas", "matplotlib")
+# torch._dynamo: torchvision.ops.roi_align imports it, open_clip.utils imports torchvision.ops (FrozenBatchNorm2d)
+HEAVY = ("torch", "open_clip", "torchvision", "torch._dynamo", "timm", "scipy", "datasets", "pandas", "matplotlib")
 LINE = re.compile(r"import time:\s+(\d+) \|\s+(\d+) \| ( *)(\S+)")
 
 
@@ -49,7 +50,7 @@ def report(label: str, args: list[str], repeats: int) -> None:
     total = statistics.median(r[0] for r in runs)
     own = statistics.median(r[1] for r in runs)
     heavy = [name for name in HEAVY if name in runs[-1][3]]
-    top = sorted(runs[-1][2].items(), key=lambda kv: -kv[1])[:8]
+    top = sorted(runs[-1][2].items(), key=lambda kv: -kv[1])[:9]
     print(f"[imports] {label}: imports {total:.2f} s (median of {repeats}), the project's own modules {own:.2f} s; "
           f"heavy packages imported: {', '.join(heavy) or 'none'}")
     print(f"[imports] {label}: heaviest imports, cumulative (last run): " +
@@ -65,4 +66,4 @@ if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as folder:
         report("evaluate (start, one template, no perturbation)",
                ["evaluate", "--no-cache", "--device", "cpu", "--templates", "single", "--perturb", "none",
-                "--bootstrap", "0", "--output", str(Path(folder) / "result.json")], args.repeats)
+                "--bootstrap", "0", "--overwrite", "--output", str(Path(folder) / "result.json")], args.repeats)
