@@ -10,6 +10,12 @@ makes (tens of thousands of short prompts):
   Those strings skip it; every other string takes open_clip's own path.
 - The evaluator tokenises a batch's strings to sort them by token length and the learner
   tokenises them again to encode; recent results are remembered, so the second pass is a look-up.
+- Per string, open_clip's ``encode`` passes its compiled pattern to ``regex.findall`` (a cache
+  and locale look-up per call), reads its tables through attribute look-ups per byte and maps
+  bytes to BPE characters one by one. Here the pattern's own ``findall`` runs, the tables are
+  bound once, and the byte map is one ``str.translate`` (latin-1 decoding turns each byte into
+  the character of its value, which the table maps as ``byte_encoder`` does). Same tokens, same
+  order: about half the cost of a string.
 
 Anything other than a SimpleTokenizer with one of open_clip's cleaning functions is used as is.
 """
@@ -53,8 +59,8 @@ class FastTokenizer:
         self._inner = inner
         self._full_clean = inner.clean_fn
         self._short_clean = _WITHOUT_FTFY[inner.clean_fn]
-        self._memo = functools.lru_cache(maxsize=ENCODE_MEMO)(
-            functools.partial(oc_tokenizer.SimpleTokenizer.encode, self))
+        self._byte_table = dict(inner.byte_encoder)  # byte value -> BPE character, for str.translate
+        self._memo = functools.lru_cache(maxsize=ENCODE_MEMO)(self._encode_uncached)
 
     def __getattr__(self, name: str) -> Any:
         if name == "_inner":  # not set yet (copy, unpickling): no recursion
@@ -63,6 +69,15 @@ class FastTokenizer:
 
     def clean_fn(self, text: str) -> str:
         return self._short_clean(text) if ftfy_is_identity(text) else self._full_clean(text)
+
+    def _encode_uncached(self, text: str) -> list[int]:
+        """open_clip's `SimpleTokenizer.encode` (clean, split by its pattern, BPE per piece)."""
+        encoder, bpe, table = self._inner.encoder, self._inner.bpe, self._byte_table
+        tokens: list[int] = []
+        for piece in self._inner.pat.findall(self.clean_fn(text)):
+            chars = piece.encode("utf-8").decode("latin-1").translate(table)
+            tokens.extend(encoder[part] for part in bpe(chars).split(" "))
+        return tokens
 
     def encode(self, text: str) -> list[int]:
         return list(self._memo(text))
