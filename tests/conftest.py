@@ -18,6 +18,12 @@ from promptbench_vlm.backbone import Backbone, load_backbone
 from promptbench_vlm.data.base import CorruptImageError, ImageDataset
 
 TINY_CONFIG = Path(__file__).parent / "data" / "tiny-clip.json"
+# class names as the CoOp datasets spell them (Pets, Cars, Aircraft, Flowers, Food, DTD, EuroSAT,
+# UCF101 with underscores replaced, SUN397, Caltech101); the tokenizer and perturbation tests share them
+COOP_NAMES = ["Abyssinian", "american pit bull terrier", "2012 Mercedes-Benz S-Class Sedan", "Boeing 737-200",
+              "Cessna 172", "F/A-18", "pink primrose", "bird of paradise", "apple pie", "eggs benedict", "bubbly",
+              "Herbaceous Vegetation Land", "Annual Crop Land", "Apply Eye Makeup", "Yo Yo", "abbey",
+              "indoor apse", "Leopards", "Faces", "yin yang", "Geoffroy's spider monkey", "potter's wheel"]
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
 
 

@@ -13,15 +13,13 @@ import numpy as np
 import pytest
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 
+from conftest import COOP_NAMES
+
 from promptbench_vlm.perturb import OPS, PerturbSpec, fill_template, load_lexicon, parse_perturbations, perturb
 from promptbench_vlm.prompts import build_prompt_table, draw_seed
 from promptbench_vlm.templates import load_templates
 
 GOLDEN = Path(__file__).parent / "data" / "perturb-golden.json"
-COOP_NAMES = ["Abyssinian", "american pit bull terrier", "2012 Mercedes-Benz S-Class Sedan", "Boeing 737-200",
-              "Cessna 172", "F/A-18", "pink primrose", "bird of paradise", "apple pie", "eggs benedict", "bubbly",
-              "Herbaceous Vegetation Land", "Annual Crop Land", "Apply Eye Makeup", "Yo Yo", "abbey",
-              "indoor apse", "Leopards", "Faces", "yin yang", "Geoffroy's spider monkey", "potter's wheel"]
 HARD_NAMES = ["Bichon Frisé", "crème brûlée", "naïve café", "Pokémon", "cafÃ©", "fish &amp; chips", "“quoted” dog",
               "ﬁsh", "ＦＵＬＬ width", "tab\there", "line\r\nbreak", "nbsp\xa0space", "日本の犬", "emoji 🐕 dog",
               "  padded  ", "Ærø ferry", "ß strasse"]

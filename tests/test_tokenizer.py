@@ -10,17 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 
+from conftest import COOP_NAMES
+
 from promptbench_vlm.perturb import fill_template, load_lexicon, parse_perturbations
 from promptbench_vlm.prompts import build_prompt_table
 from promptbench_vlm.templates import load_templates
 from promptbench_vlm.tokenizer import FastTokenizer, fast_tokenizer, ftfy_is_identity, token_count
 
-# class names as the CoOp datasets spell them (Pets, Cars, Aircraft, Flowers, Food, DTD, EuroSAT,
-# UCF101 with underscores replaced, SUN397, Caltech101)
-COOP_NAMES = ["Abyssinian", "american pit bull terrier", "2012 Mercedes-Benz S-Class Sedan", "Boeing 737-200",
-              "Cessna 172", "F/A-18", "pink primrose", "bird of paradise", "apple pie", "eggs benedict", "bubbly",
-              "Herbaceous Vegetation Land", "Annual Crop Land", "Apply Eye Makeup", "Yo Yo", "abbey",
-              "indoor apse", "Leopards", "Faces", "yin yang", "Geoffroy's spider monkey", "potter's wheel"]
 # strings ftfy or html.unescape do change, or that are not plain ASCII: the full path must serve them
 HARD_NAMES = ["Bichon Frisé", "crème brûlée", "naïve café", "Pokémon", "cafÃ©", "fish &amp; chips", "R&amp;amp;D",
               "“quoted” dog", "ﬁsh", "ＦＵＬＬ width", "tab\there", "line\r\nbreak", "bell\x07char", "\x1b[31mred",
