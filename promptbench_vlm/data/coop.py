@@ -21,14 +21,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
 
 from ..errors import UserError
 from ..files import read_user_text
 from ..names import unknown_name_error
 from . import DatasetOptions, DatasetSource
-from .base import ImageDataset, file_identity
-from .images import open_rgb
+from .base import ImageDataset
+from .images import FileDataset
 
 SPLITS = ("train", "val", "test")
 
@@ -73,7 +72,7 @@ _IMAGENET_VARIANTS = {
 COOP_DATASETS = (*_SPLIT_FILE_DATASETS, "fgvc_aircraft", "imagenet", *_IMAGENET_VARIANTS)
 
 
-class CoopDataset(ImageDataset):
+class CoopDataset(FileDataset):
     """A list of image files with labels; decoding waits for `load`."""
 
     def __init__(self, name: str, classnames: list[str], paths: list[Path], labels: list[int],
@@ -83,15 +82,6 @@ class CoopDataset(ImageDataset):
         self.paths = paths
         self.labels = labels
         self.source_labels = source_labels
-
-    def load(self, index: int) -> Image.Image:
-        return open_rgb(self.paths[index])
-
-    def describe(self, index: int) -> str:
-        return str(self.paths[index])
-
-    def identity(self, index: int) -> str:
-        return file_identity(self.paths[index])
 
 
 def load_coop(name: str, root: str | Path, split: str) -> ImageDataset:

@@ -15,18 +15,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from PIL import Image
 
 from ..errors import UserError
 from . import DatasetOptions, DatasetSource
-from .base import ImageDataset, file_identity
-from .images import open_rgb
+from .base import ImageDataset
+from .images import FileDataset
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 SPLIT_FOLDERS = ("train", "val", "test")
 
 
-class FolderDataset(ImageDataset):
+class FolderDataset(FileDataset):
     """Images in ``root/[split/]<class>/…``; class names are folder names with '_' -> ' '.
 
     Labels follow the sorted class folder names. Images are found recursively inside each
@@ -52,15 +51,6 @@ class FolderDataset(ImageDataset):
                 )
             self.paths += images
             self.labels += [label] * len(images)
-
-    def load(self, index: int) -> Image.Image:
-        return open_rgb(self.paths[index])
-
-    def describe(self, index: int) -> str:
-        return str(self.paths[index])
-
-    def identity(self, index: int) -> str:
-        return file_identity(self.paths[index])
 
 
 def _visible_dirs(folder: Path) -> list[Path]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .base import CorruptImageError
+from .base import CorruptImageError, ImageDataset, file_identity
 
 # Every failure PIL is known to raise for a bad file: unreadable or unidentified files
 # (OSError), truncated data (OSError), malformed chunks (SyntaxError, ValueError,
@@ -64,3 +64,19 @@ def open_rgb(source: str | Path | bytes, locator: str | None = None) -> Image.Im
             return img.convert("RGB")
     except _DECODE_ERRORS as err:
         raise CorruptImageError(f"{where}: cannot decode image ({type(err).__name__}: {err})") from err
+
+
+class FileDataset(ImageDataset):
+    """A dataset whose images are files (`paths`, one per image): decoded in `load`, located by
+    path, and told apart by path, size and modification time (`file_identity`)."""
+
+    paths: list[Path]
+
+    def load(self, index: int) -> Image.Image:
+        return open_rgb(self.paths[index])
+
+    def describe(self, index: int) -> str:
+        return str(self.paths[index])
+
+    def identity(self, index: int) -> str:
+        return file_identity(self.paths[index])
