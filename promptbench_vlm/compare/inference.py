@@ -107,13 +107,19 @@ def crossed_bootstrap_means(values: np.ndarray, n_resamples: int = 1000, seed: i
         size = min(batch, n_resamples - start)
         images = image_rng.integers(0, n_images, size=(size, n_images))
         if resample_seeds and n_seeds > 1:
-            drawn = seed_rng.integers(0, n_seeds, size=(size, n_seeds))
-            seed_weights = np.stack([np.bincount(d, minlength=n_seeds) for d in drawn]) / n_seeds  # [size, S]
+            seed_weights = _seed_weights(seed_rng, size, n_seeds)
         else:
             seed_weights = np.full((size, n_seeds), 1.0 / n_seeds)
         rows = seed_weights @ x  # [size, N]: each resample's seed-weighted per-image values
         out[start:start + size] = np.take_along_axis(rows, images, axis=1).mean(1)
     return out
+
+
+def _seed_weights(seed_rng: np.random.Generator, size: int, n_seeds: int) -> np.ndarray:
+    """``[size, S]``: for each of `size` resamples, how often each seed was drawn (S draws with
+    replacement), over S: the weights that average the drawn seeds' rows."""
+    drawn = seed_rng.integers(0, n_seeds, size=(size, n_seeds))
+    return np.stack([np.bincount(d, minlength=n_seeds) for d in drawn]) / n_seeds
 
 
 def crossed_bootstrap(values: np.ndarray, n_resamples: int = 1000, seed: int = 0, resample_seeds: bool = True,
@@ -147,8 +153,7 @@ def stratified_bootstrap(tables: list[np.ndarray], n_resamples: int = 1000, seed
     batch = max(1, MAX_RESAMPLE_ELEMENTS // max(x.shape[1] for x in xs))
     for start in range(0, n_resamples, batch):
         size = min(batch, n_resamples - start)
-        drawn = seed_rng.integers(0, n_seeds, size=(size, n_seeds))
-        seed_weights = np.stack([np.bincount(d, minlength=n_seeds) for d in drawn]) / n_seeds
+        seed_weights = _seed_weights(seed_rng, size, n_seeds)
         for x in xs:
             images = image_rng.integers(0, x.shape[1], size=(size, x.shape[1]))
             dist[start:start + size] += np.take_along_axis(seed_weights @ x, images, axis=1).mean(1) / len(xs)
