@@ -94,10 +94,16 @@ def overhead(repeats: int) -> None:
     texts = build_prompt_table(s.templates, dataset.classnames, s.perturbations, s.draws, s.seed, load_lexicon()).texts
     stages: list[dict[str, float]] = []
 
+    # each run tokenises from scratch, as a new process does: the tokenizer's memo holds a whole
+    # toy-world table, which would otherwise serve every repetition after the first on both sides
+    forget = getattr(backbone.tokenizer, "forget", lambda: None)
+
     def evaluate() -> None:
+        forget()
         stages.append(Evaluator(learner, s).run(dataset).timings)
 
     def floor() -> None:
+        forget()
         floor_pass(backbone, dataset, texts, s.batch_size, s.text_batch_size)
 
     evaluate(), floor()  # warm-up

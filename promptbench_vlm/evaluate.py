@@ -24,12 +24,13 @@ from .errors import UserError
 from .learners.base import PromptLearner
 from .perturb import Lexicon, PerturbSpec, load_lexicon
 from .prompts import PromptTable, prompt_table
-from .tokenizer import token_count
+from .tokenizer import in_token_order, token_count
 
 ProgressFn = Callable[[str, int, int], None]
 """Called as ``progress(stage, done, total)``; the CLI draws a bar from it."""
 
 LOGIT_BLOCK_ELEMENTS = 1 << 22  # the largest logits block held at once: 4M floats = 16 MB
+CPU_BLOCK_ELEMENTS = 1 << 18  # on the CPU: 256K floats = 1 MB, which stays in cache (`block_elements`)
 
 
 @dataclass(frozen=True)
@@ -264,9 +265,9 @@ def text_features(
 ) -> tuple[torch.Tensor, int, int]:
     """Features ``[M, D]`` of unique prompt strings, from the cache where present.
 
-    The strings still missing are put in order of length, dealt round robin to the ranks and
-    encoded in segments of `cache.SEGMENT_TEXTS`, each written to the cache as soon as it is
-    done (`encode_texts` orders each segment by exact token count).
+    The strings still missing are put in order of length, dealt round robin to the ranks, put
+    in order of token count (`in_token_order`) and encoded in segments of `cache.SEGMENT_TEXTS`,
+    each written to the cache as soon as it is done.
 
     Returns:
         The features (float32, on the learner's device), the number of strings encoded (over
@@ -279,7 +280,8 @@ def text_features(
     # in length order, so that segments (and the batches in them) hold strings of similar length
     missing = sorted((t for t in texts if t in missing_anywhere), key=len)
     n_cached = len(texts) - len(missing)
-    block = distributed.shard(missing)  # round robin: every rank gets the same mix of lengths
+    # round robin: every rank gets the same mix of lengths; then each rank's share by token count
+    block = in_token_order(getattr(learner.backbone, "tokenizer", None), distributed.shard(missing))
     encoded: list[torch.Tensor] = []
     for s0 in range(0, len(block), SEGMENT_TEXTS):
         segment = block[s0 : s0 + SEGMENT_TEXTS]
@@ -288,12 +290,15 @@ def text_features(
         if cache:
             cache.store_texts(key, segment, feats)
         encoded.append(feats)
+    names, parts = list(found), [torch.stack(list(found.values()))] if found else []
     # one tensor per rank: rows of a tensor would each carry (and pickle) its whole storage
     for texts_r, feats_r in distributed.gather((block, torch.cat(encoded) if encoded else None)):
         if feats_r is not None:
-            found.update(zip(texts_r, feats_r))
-    rows = [found[t] for t in texts]
-    return torch.stack(rows).to(learner.device), len(missing), n_cached
+            names += texts_r
+            parts.append(feats_r)
+    row = {t: i for i, t in enumerate(names)}  # a string encoded here wins over its cached copy
+    feats = torch.cat(parts) if parts else torch.empty(0, 0)
+    return feats[torch.as_tensor([row[t] for t in texts], dtype=torch.long)].to(learner.device), len(missing), n_cached
 
 
 @dataclass
@@ -303,7 +308,6 @@ class TemplateScores:
     pred: np.ndarray  # [B, N] argmax class
     p_true: np.ndarray  # [B, N] softmax probability of the true class
     cos_true: np.ndarray  # [B, N] cosine of image and true-class text feature
-    divergence: np.ndarray | None = None  # [B, N] JS divergence from the reference set's class distribution
 
 
 def js_divergence(logits: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -323,10 +327,18 @@ def _js_from_reference(logits: torch.Tensor, logq: torch.Tensor, q: torch.Tensor
     return kl_p.add_(kl_q).mul_(0.5).clamp_min_(0.0)
 
 
-def _blocks(n_images: int, n_sets: int, n_classes: int) -> tuple[int, int]:
-    """Images and class-feature sets per logits block, at most `LOGIT_BLOCK_ELEMENTS` floats."""
-    img_block = max(1, min(n_images, LOGIT_BLOCK_ELEMENTS // max(1, n_classes)))
-    return img_block, max(1, LOGIT_BLOCK_ELEMENTS // (img_block * n_classes))
+def _blocks(n_images: int, n_sets: int, n_classes: int, device: torch.device) -> tuple[int, int]:
+    """Images and class-feature sets per logits block, at most `block_elements(device)` floats."""
+    elements = block_elements(device)
+    img_block = max(1, min(n_images, elements // max(1, n_classes)))
+    return img_block, max(1, elements // (img_block * n_classes))
+
+
+def block_elements(device: torch.device) -> int:
+    """Logits per block: cache-sized on the CPU, where the passes over a block are memory-bound
+    (1 MB blocks stay in cache between them: a third less scoring time than 16 MB ones), larger on
+    an accelerator, where each pass is a kernel launch."""
+    return LOGIT_BLOCK_ELEMENTS if device.type != "cpu" else min(LOGIT_BLOCK_ELEMENTS, CPU_BLOCK_ELEMENTS)
 
 
 def _cosines(v: torch.Tensor, class_feats: torch.Tensor) -> torch.Tensor:
@@ -336,18 +348,27 @@ def _cosines(v: torch.Tensor, class_feats: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def score_templates(
-    image_feats: torch.Tensor, labels: torch.Tensor, class_feats: torch.Tensor, logit_scale: float,
-    reference: torch.Tensor | None = None,
-) -> TemplateScores:
-    """Score images against B sets of class features ``[B, C, D]`` in bounded-memory blocks.
-
-    With `reference` (``[B, C, D]``: the clean class features each set is a perturbation of),
-    also the JS divergence of each set's class distribution from its reference's, per image.
-    """
+def score_templates(image_feats: torch.Tensor, labels: torch.Tensor, class_feats: torch.Tensor,
+                    logit_scale: float) -> TemplateScores:
+    """Score images against B sets of class features ``[B, C, D]`` in bounded-memory blocks:
+    the predicted class, the true class's probability and cosine, per set and image."""
     n_sets, n_classes, _ = class_feats.shape
-    return score_sharing_reference(image_feats, labels, [lambda a, b: class_feats[a:b]], n_sets, n_classes,
-                                   logit_scale, reference)[0]
+    n_images = image_feats.shape[0]
+    img_block, set_block = _blocks(n_images, n_sets, n_classes, image_feats.device)
+    pred = torch.empty(n_sets, n_images, dtype=torch.long)
+    p_true, cos_true = torch.empty(n_sets, n_images), torch.empty(n_sets, n_images)
+    for i0 in range(0, n_images, img_block):
+        v, y = image_feats[i0 : i0 + img_block], labels[i0 : i0 + img_block]
+        for s0 in range(0, n_sets, set_block):
+            block = (slice(s0, s0 + set_block), slice(i0, i0 + img_block))
+            cos = _cosines(v, class_feats[s0 : s0 + set_block])
+            logits = logit_scale * cos
+            true_cos = cos.gather(2, y.view(1, -1, 1).expand(cos.shape[0], -1, 1)).squeeze(2)
+            # max's indices are argmax's (the first maximum; documented), at a quarter of its cost
+            pred[block] = logits.max(2).indices.cpu()
+            p_true[block] = (logit_scale * true_cos - logits.logsumexp(2)).exp().cpu()
+            cos_true[block] = true_cos.cpu()
+    return TemplateScores(pred.numpy(), p_true.numpy(), cos_true.numpy())
 
 
 ClassSets = Callable[[int, int], torch.Tensor]
@@ -355,39 +376,33 @@ ClassSets = Callable[[int, int], torch.Tensor]
 
 
 @torch.inference_mode()
-def score_sharing_reference(
-    image_feats: torch.Tensor, labels: torch.Tensor, scorings: Sequence[ClassSets], n_sets: int, n_classes: int,
-    logit_scale: float, reference: torch.Tensor | None = None,
-) -> list[TemplateScores]:
-    """`score_templates` of several scorings of `n_sets` class-feature sets each, against one
-    `reference`: each block of reference logits (and its softmax) is computed once for all of
-    them. Class features are fetched a block at a time, so memory stays at one block's."""
-    n_images = image_feats.shape[0]
-    img_block, set_block = _blocks(n_images, n_sets, n_classes)
-    pred = [torch.empty(n_sets, n_images, dtype=torch.long) for _ in scorings]
-    p_true = [torch.empty(n_sets, n_images) for _ in scorings]
-    cos_true = [torch.empty(n_sets, n_images) for _ in scorings]
-    divergence = [torch.empty(n_sets, n_images) for _ in scorings] if reference is not None else None
+def score_perturbed(
+    image_feats: torch.Tensor, scorings: Sequence[ClassSets], n_sets: int, n_classes: int, logit_scale: float,
+    reference: torch.Tensor,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Predictions and JS divergences ``[n_sets, N]`` of several scorings of `n_sets` perturbed
+    class-feature sets each, against the `reference` sets ``[n_sets, C, D]`` they perturb.
+
+    Each block of reference logits (and its softmax) is computed once for all scorings, and the
+    scorings' sets of a block are scored together, one pass of each operation over all of them
+    (on the CPU the per-operation cost of a small block is otherwise a third of the scoring).
+    Class features are fetched a block at a time, so memory stays at one block's.
+    """
+    n_images, n_k = image_feats.shape[0], len(scorings)
+    img_block, set_block = _blocks(n_images, n_sets, n_classes * n_k, image_feats.device)
+    pred = torch.empty(n_k, n_sets, n_images, dtype=torch.long)
+    divergence = torch.empty(n_k, n_sets, n_images)
     for i0 in range(0, n_images, img_block):
         v = image_feats[i0 : i0 + img_block]
-        y = labels[i0 : i0 + img_block]
         for s0 in range(0, n_sets, set_block):
-            block = (slice(s0, s0 + set_block), slice(i0, i0 + img_block))
-            if reference is not None:
-                logq = (logit_scale * _cosines(v, reference[s0 : s0 + set_block])).log_softmax(-1)
-                q = logq.exp()
-            for k, sets in enumerate(scorings):
-                cos = _cosines(v, sets(s0, min(s0 + set_block, n_sets)))  # [b, n, C]
-                logits = logit_scale * cos
-                true_cos = cos.gather(2, y.view(1, -1, 1).expand(cos.shape[0], -1, 1)).squeeze(2)
-                true_logit = logit_scale * true_cos
-                pred[k][block] = logits.argmax(2).cpu()
-                p_true[k][block] = (true_logit - logits.logsumexp(2)).exp().cpu()
-                cos_true[k][block] = true_cos.cpu()
-                if divergence is not None:
-                    divergence[k][block] = _js_from_reference(logits, logq, q).cpu()
-    return [TemplateScores(pred[k].numpy(), p_true[k].numpy(), cos_true[k].numpy(),
-                           None if divergence is None else divergence[k].numpy()) for k in range(len(scorings))]
+            s1 = min(s0 + set_block, n_sets)
+            block = (slice(None), slice(s0, s1), slice(i0, i0 + img_block))
+            logq = _cosines(v, reference[s0:s1]).mul_(logit_scale).log_softmax(-1)  # [b, n, C]
+            feats = torch.cat([sets(s0, s1) for sets in scorings])  # [K * b, C, D]
+            logits = _cosines(v, feats).mul_(logit_scale).view(n_k, s1 - s0, v.shape[0], n_classes)
+            pred[block] = logits.max(-1).indices.cpu()
+            divergence[block] = _js_from_reference(logits, logq, logq.exp()).cpu()
+    return [(pred[k].numpy(), divergence[k].numpy()) for k in range(n_k)]
 
 
 @dataclass
@@ -417,10 +432,10 @@ def score_shared_text(learner: PromptLearner, image_feats: torch.Tensor, labels:
     rows = [torch.as_tensor(r, device=text_feats.device).reshape(n_t * n_r, n_c) for r in table.perturbed]
     text_cos = [(text_feats[r].view(n_t, n_r, n_c, -1) * clean_feats.unsqueeze(1)).sum(-1).cpu().numpy() for r in rows]
     # every perturbed set (t, r) is compared with the clean set of template t
-    perts = score_sharing_reference(image_feats, labels, [lambda a, b, r=r: text_feats[r[a:b]] for r in rows],
-                                    n_t * n_r, n_c, scale, clean_feats.repeat_interleave(n_r, 0))
-    return Scores(clean, pred_ens, [pert.pred.reshape(n_t, n_r, -1) for pert in perts],
-                  [pert.divergence.reshape(n_t, n_r, -1) for pert in perts], text_cos, texts_encoded)
+    perts = score_perturbed(image_feats, [lambda a, b, r=r: text_feats[r[a:b]] for r in rows], n_t * n_r, n_c, scale,
+                            clean_feats.repeat_interleave(n_r, 0))
+    return Scores(clean, pred_ens, [pred.reshape(n_t, n_r, -1) for pred, _ in perts],
+                  [div.reshape(n_t, n_r, -1) for _, div in perts], text_cos, texts_encoded)
 
 
 @torch.inference_mode()
@@ -459,13 +474,13 @@ def score_conditional(learner: PromptLearner, image_feats: torch.Tensor, labels:
             cos = torch.einsum("nd,ncd->nc", v, clean)
             logits = scale * cos
             true_cos = cos.gather(1, y.view(-1, 1)).squeeze(1)
-            pred[t, i0 : i0 + chunk] = logits.argmax(1).cpu().numpy()
+            pred[t, i0 : i0 + chunk] = logits.max(1).indices.cpu().numpy()
             p_true[t, i0 : i0 + chunk] = (scale * true_cos - logits.logsumexp(1)).exp().cpu().numpy()
             cos_true[t, i0 : i0 + chunk] = true_cos.cpu().numpy()
             for k in range(len(table.perturbed)):
                 pert = per_row[:, 1 + k * n_r : 1 + (k + 1) * n_r]  # [n, R, C, D]
                 pert_logits = scale * torch.einsum("nd,nrcd->rnc", v, pert)
-                pert_pred[k][t, :, i0 : i0 + chunk] = pert_logits.argmax(2).cpu().numpy()
+                pert_pred[k][t, :, i0 : i0 + chunk] = pert_logits.max(2).indices.cpu().numpy()
                 pert_divergence[k][t, :, i0 : i0 + chunk] = js_divergence(pert_logits, logits.unsqueeze(0)).cpu().numpy()
                 text_cos[k][t] += (pert * clean.unsqueeze(1)).sum(-1).sum(0).cpu().numpy()
         ens = F.normalize(ensemble, dim=-1)

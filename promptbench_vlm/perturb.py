@@ -626,19 +626,28 @@ _MEMO_FRAMES = 4096  # templates a lexicon remembers its findings for (a prompt 
 _GENERATORS = threading.local()  # one reseeded generator per thread: seeding is a perturbation's largest cost
 
 
-def _rng(text: str, class_span: tuple[int, int], op: str, amount: Amount, seed: int) -> random.Random:
-    """A generator seeded by a SHA-256 of the arguments: stable across processes (no salted hash).
+def _reseeder(op: str, amount: Amount, seed: int) -> Callable[[str, tuple[int, int]], random.Random]:
+    """``rng(text, class_span)``: the thread's generator reseeded by a SHA-256 of the arguments,
+    stable across processes (no salted hash).
 
-    The thread's generator is reseeded in place (the C seeding `random.Random(n)` runs, without
-    building a new object); it is valid until the thread's next call.
+    The key is the ``repr`` of ``(text, start, end, op, amount, seed)``, written as that string
+    directly (the part after the span once per call of this function). The generator is reseeded
+    in place (the C seeding `random.Random(n)` runs, without building a new object); it is valid
+    until the thread's next reseeding.
     """
     how = amount if isinstance(amount, str) else float(amount)
-    key = repr((text, int(class_span[0]), int(class_span[1]), op, how, int(seed)))
+    rest = f", {op!r}, {how!r}, {int(seed)!r})".encode("utf-8")
     rng = getattr(_GENERATORS, "rng", None)
     if rng is None:
         rng = _GENERATORS.rng = random.Random(0)
-    _random.Random.seed(rng, int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big"))
-    return rng
+    reseed, sha256, from_bytes = _random.Random.seed, hashlib.sha256, int.from_bytes
+
+    def reseeded(text: str, class_span: tuple[int, int]) -> random.Random:
+        key = f"({text!r}, {int(class_span[0])!r}, {int(class_span[1])!r}".encode("utf-8") + rest
+        reseed(rng, from_bytes(sha256(key).digest()[:8], "big"))
+        return rng
+
+    return reseeded
 
 
 class Perturbed(NamedTuple):
@@ -672,21 +681,36 @@ def perturb(
     Raises:
         UserError: an unknown op or level, or a rate outside [0, 1].
     """
+    return perturb_many([(text, class_span)], op, rate, seed, lexicon)[0]
+
+
+def perturb_many(
+    filled: Sequence[tuple[str, tuple[int, int]]], op: str, rate: Amount, seed: int, lexicon: Lexicon | None = None
+) -> list[Perturbed]:
+    """`perturb` of each ``(text, class_span)`` of `filled` under one op, rate and seed: the
+    same outputs, with the checks and look-ups they share done once (a prompt table's cell is
+    one template filled with every class name)."""
     _check_op_amount(op, rate)
-    prompt, frame = _split(text, class_span)
     if lexicon is None:
         lexicon = load_lexicon()
-    memo = lexicon._memo.get(frame)
-    if memo is None:
-        memo = {}
-        if len(lexicon._memo) < _MEMO_FRAMES:
-            lexicon._memo[frame] = memo
-    edited = _OP_FUNCS[op](prompt, rate, _rng(text, class_span, op, rate, seed), lexicon, memo)
-    if edited.edits == 0:
-        return Perturbed(text, 0, (int(class_span[0]), int(class_span[1])))
-    words, cls = _agreeing_words(prompt, edited, lambda: _frame_pairs(prompt, memo))
-    new_text = " ".join(words) + prompt.tail
-    if new_text == text:
-        return Perturbed(text, 0, (int(class_span[0]), int(class_span[1])))
-    start = len(" ".join(words[:cls])) + (1 if cls else 0) + prompt.lead
-    return Perturbed(new_text, edited.edits, (start, start + class_span[1] - class_span[0]))
+    op_func, rng, memos = _OP_FUNCS[op], _reseeder(op, rate, seed), lexicon._memo
+    out: list[Perturbed] = []
+    for text, class_span in filled:
+        prompt, frame = _split(text, class_span)
+        memo = memos.get(frame)
+        if memo is None:
+            memo = {}
+            if len(memos) < _MEMO_FRAMES:
+                memos[frame] = memo
+        edited = op_func(prompt, rate, rng(text, class_span), lexicon, memo)
+        if edited.edits == 0:
+            out.append(Perturbed(text, 0, (int(class_span[0]), int(class_span[1]))))
+            continue
+        words, cls = _agreeing_words(prompt, edited, lambda: _frame_pairs(prompt, memo))
+        new_text = " ".join(words) + prompt.tail
+        if new_text == text:
+            out.append(Perturbed(text, 0, (int(class_span[0]), int(class_span[1]))))
+            continue
+        start = len(" ".join(words[:cls])) + (1 if cls else 0) + prompt.lead
+        out.append(Perturbed(new_text, edited.edits, (start, start + class_span[1] - class_span[0])))
+    return out

@@ -24,7 +24,7 @@ import torch
 from . import distributed
 from . import perturb as perturb_module
 from .cache import FeatureCache, digest
-from .perturb import Lexicon, PerturbSpec, fill_template, perturb
+from .perturb import Lexicon, PerturbSpec, fill_template, perturb_many
 
 
 @dataclass
@@ -70,8 +70,7 @@ def draw_seed(seed: int, draw: int) -> int:
 def _perturb_cell(filled: list[tuple[str, tuple[int, int]]], spec: PerturbSpec, draws: int, seed: int,
                   lexicon: Lexicon) -> list[list[tuple[str, int]]]:
     """``[R][C]`` (perturbed text, edits) of one template's filled prompts under one spec."""
-    return [[(out.text, out.n_edits)
-             for out in (perturb(text, span, spec.op, spec.amount, draw_seed(seed, r), lexicon) for text, span in filled)]
+    return [[(out.text, out.n_edits) for out in perturb_many(filled, spec.op, spec.amount, draw_seed(seed, r), lexicon)]
             for r in range(draws)]
 
 

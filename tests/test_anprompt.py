@@ -124,7 +124,7 @@ def test_tail_extras_compute_exactly_an_insertion_after_sos(deep_backbone, depth
         clip, n = deep_backbone.model, learner.n_ctx
         batch = text_side.prepare(clip, learner.tokenize(texts), n, learner.fixed)  # "of a" stays fixed
         x = torch.cat([batch.tokens[:, :1], learner.text_prompts[0].expand(2, -1, -1), batch.tokens[:, 1 + n :]], 1)
-        x = x + clip.positional_embedding
+        x = x + clip.positional_embedding[: x.shape[1]]  # prepare trims after the last EOS
         extras = learner.anti_noise.layer_prompts("text")
         m = extras[0].shape[0]
         for i, block in enumerate(clip.transformer.resblocks):

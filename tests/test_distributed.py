@@ -152,17 +152,17 @@ def _share_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     calls = {"perturb": 0, "resample": 0}
-    perturb, resample = prompts.perturb, metrics.resample_means
+    perturb_many, resample = prompts.perturb_many, metrics.resample_means
 
-    def counting_perturb(*args, **kwargs):
-        calls["perturb"] += 1
-        return perturb(*args, **kwargs)
+    def counting_perturb(filled, *args, **kwargs):
+        calls["perturb"] += len(filled)
+        return perturb_many(filled, *args, **kwargs)
 
     def counting_resample(*args, **kwargs):
         calls["resample"] += 1
         return resample(*args, **kwargs)
 
-    prompts.perturb, metrics.resample_means = counting_perturb, counting_resample
+    prompts.perturb_many, metrics.resample_means = counting_perturb, counting_resample
     specs = tuple(parse_perturbations(SHARE_SPECS))
     table = prompts.build_prompt_table(SHARE_TEMPLATES, SHARE_CLASSES, specs, 2, 0, load_lexicon())
     settings = EvalSettings(templates=SHARE_TEMPLATES, perturbations=specs, draws=2, bootstrap=50)

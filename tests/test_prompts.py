@@ -43,7 +43,7 @@ def test_a_stored_table_is_loaded_without_perturbing(tmp_path, monkeypatch):
     def no_perturbing(*args, **kwargs):
         raise AssertionError("the stored table should have been used")
 
-    monkeypatch.setattr(prompts, "perturb", no_perturbing)
+    monkeypatch.setattr(prompts, "perturb_many", no_perturbing)
     assert_same_table(build(cache), first)
     with pytest.raises(AssertionError, match="stored table"):
         build(cache, draws=3)  # another key: built, not loaded

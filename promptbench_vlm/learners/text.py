@@ -77,6 +77,8 @@ def prepare(clip: CLIP, ids: torch.Tensor, n_ctx: int, fixed: Sequence[int] = ()
         ids = torch.cat([ids[:, :1], inserted.expand(ids.shape[0], -1), ids[:, 1 : length - shift]], dim=1)
         eos = (eos + shift).clamp(max=length - 1)
         ids[rows, eos] = eos_ids
+    if clip.attn_mask is not None and len(ids):  # causal: what follows the last EOS reaches no feature
+        ids = ids[:, : int(eos.max()) + 1]
     return ContextBatch(tokens=embed(clip, ids), eos=eos, n_ctx=n_ctx)
 
 
@@ -168,7 +170,7 @@ def encode(clip: CLIP, batch: ContextBatch, prompts: Sequence[torch.Tensor]) -> 
         else:
             rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(batch.slots)
             x = x.index_put((rows, batch.slots), ctx)
-    x = x + clip.positional_embedding.to(x.dtype)
+    x = x + clip.positional_embedding[: x.shape[1]].to(x.dtype)
     mask = None
     if clip.attn_mask is not None:  # causal: positions after the last EOS cannot reach any feature
         length = int(batch.eos.max()) + 1
