@@ -78,6 +78,21 @@ def test_streaming_in_small_blocks_gives_the_same_scores(zeroshot, colour_datase
                                                                           abs=1e-7)
 
 
+def test_tied_logits_predict_the_first_class_as_argmax_does():
+    """Predictions come from `max(-1).indices`; on ties they must be argmax's: the first class."""
+    torch.manual_seed(0)
+    v = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    u = torch.nn.functional.normalize(torch.randn(2, 4, 8), dim=-1)
+    u[:, 3] = u[:, 1]  # classes 1 and 3 tie everywhere
+    u[:, 2] = u[:, 0]
+    logits = 100.0 * torch.einsum("nd,bcd->bnc", v, u)
+    clean = ev.score_templates(v, torch.zeros(6, dtype=torch.long), u, 100.0)
+    assert np.array_equal(clean.pred, logits.argmax(2).numpy()) and not np.isin(clean.pred, [2, 3]).any()
+    (pred, divergence), = ev.score_perturbed(v, [lambda a, b: u[a:b]], 2, 4, 100.0, u)
+    assert np.array_equal(pred, clean.pred)
+    assert np.allclose(divergence, 0.0, atol=1e-6)  # a set against itself
+
+
 def test_encode_once(zeroshot, colour_dataset):
     specs = tuple(parse_perturbations("default"))
     draws = 2

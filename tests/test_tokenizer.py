@@ -68,3 +68,19 @@ def test_memo_hands_out_copies_and_counts_tokens(pair):
     assert token_count(fast, "a photo of a dog.") == len(reference.encode("a photo of a dog.")) + 2
     assert token_count(object(), "abc") == 3  # a tokenizer that cannot tell: characters
     assert fast.sot_token_id == reference.sot_token_id and fast.vocab_size == reference.vocab_size
+
+
+def test_in_token_order_sorts_each_window_by_token_count_and_keeps_every_string(pair, monkeypatch):
+    from promptbench_vlm import tokenizer as tok
+
+    _, fast = pair
+    texts = sorted((fill_template(t, c)[0] for t in load_templates().templates[:20] for c in COOP_NAMES[:10]), key=len)
+    monkeypatch.setattr(tok, "ENCODE_MEMO", 64)  # windows of 32 strings
+    ordered = tok.in_token_order(fast, texts)
+    assert sorted(ordered) == sorted(texts)
+    for w0 in range(0, len(texts), 32):
+        window = ordered[w0 : w0 + 32]
+        assert sorted(window) == sorted(texts[w0 : w0 + 32])  # a window's strings stay in it
+        counts = [token_count(fast, t) for t in window]
+        assert counts == sorted(counts)
+    assert [token_count(fast, t) for t in ordered] != [token_count(fast, t) for t in texts]  # it did reorder
