@@ -384,9 +384,9 @@ def score_perturbed(
     class-feature sets each, against the `reference` sets ``[n_sets, C, D]`` they perturb.
 
     Each block of reference logits (and its softmax) is computed once for all scorings, and the
-    scorings' sets of a block are scored together, one pass of each operation over all of them
-    (on the CPU the per-operation cost of a small block is otherwise a third of the scoring).
-    Class features are fetched a block at a time, so memory stays at one block's.
+    scorings' sets of a block are scored together, one pass of each operation over all of them.
+    Class features are fetched a block at a time, so memory stays at one block's. Only what the
+    metrics read of a perturbed set is computed: its predictions and its divergence.
     """
     n_images, n_k = image_feats.shape[0], len(scorings)
     img_block, set_block = _blocks(n_images, n_sets, n_classes * n_k, image_feats.device)
