@@ -5,7 +5,7 @@ Preservation Rate, ``JSD`` its continuous companion) is the mean over images of 
 quantity. The per-image vectors are exposed
 (`per_image_clean`, `per_image_perturbation`) so that an interval is the bootstrap of one
 vector's mean and two learners evaluated on the same images can be compared pairwise
-(`paired_difference`). Definitions: ``docs/metrics.md``.
+(`compare.inference.crossed_bootstrap` of the paired table). Definitions: ``docs/metrics.md``.
 """
 
 from __future__ import annotations
@@ -60,23 +60,6 @@ class Estimate:
         """JSON-ready form: ``{"value": v, "ci": [lo, hi] or None}``."""
         ci = None if self.ci is None else [float(self.ci[0]), float(self.ci[1])]
         return {"value": float(self.value), "ci": ci}
-
-
-@dataclass(frozen=True)
-class PairedDifference:
-    """Paired bootstrap comparison of two learners on the same images.
-
-    Attributes:
-        diff: ``mean(a - b)``.
-        ci: Percentile bootstrap interval of ``mean(a - b)``.
-        significant: True when the interval excludes 0.
-        p_value: Two-sided bootstrap p-value of ``mean(a - b) = 0``.
-    """
-
-    diff: float
-    ci: tuple[float, float]
-    significant: bool
-    p_value: float
 
 
 def _check_labels(pred: np.ndarray, labels: np.ndarray) -> None:
@@ -250,30 +233,6 @@ def bootstrap_mean_ci(
     if x.ndim != 1:
         raise ValueError(f"per-image values must be a non-empty 1-D array, got shape {x.shape}")
     return bootstrap_intervals(x[None], n_resamples, seed, confidence)[0]
-
-
-def paired_difference(
-    a: np.ndarray, b: np.ndarray, n_resamples: int = 1000, seed: int = 0, confidence: float = 0.95
-) -> PairedDifference:
-    """Paired bootstrap of ``mean(a - b)`` for two learners' per-image vectors on the same images.
-
-    Pairing removes the between-image variation both learners share, so the interval is
-    much narrower than comparing two independent intervals. The p-value is
-    ``2 * min(P*(mean <= 0), P*(mean >= 0))`` over the bootstrap distribution, with the
-    usual +1 correction so it is never 0, capped at 1.
-
-    Raises:
-        ValueError: different shapes, or ``n_resamples < 1`` (a comparison needs resamples).
-    """
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if a.shape != b.shape or a.ndim != 1:
-        raise ValueError(f"paired vectors must be 1-D of the same shape, got {a.shape} and {b.shape}")
-    d = _check_resampling((a - b)[None], n_resamples)
-    dist = _distributions(d, n_resamples, seed)
-    ci = _percentile_bounds(dist, confidence)[0]
-    tail = min(np.count_nonzero(dist <= 0), np.count_nonzero(dist >= 0))
-    p_value = min(1.0, 2.0 * (int(tail) + 1) / (n_resamples + 1))
-    return PairedDifference(diff=float(d.mean()), ci=ci, significant=not ci[0] <= 0.0 <= ci[1], p_value=p_value)
 
 
 def with_intervals(

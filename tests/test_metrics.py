@@ -15,7 +15,6 @@ from promptbench_vlm.metrics import (
     bootstrap_mean_ci,
     clean_metrics,
     harmonic_mean,
-    paired_difference,
     per_image_clean,
     per_image_perturbation,
     per_template_accuracy,
@@ -243,31 +242,6 @@ def test_bootstrap_memory_is_bounded():
     finally:
         tracemalloc.stop()
     assert peak < 100e6  # one unbatched [1000, 20000] resample matrix alone would be 160 MB
-
-
-def test_paired_difference_self_is_zero():
-    x = _coin(500)
-    d = paired_difference(x, x, n_resamples=300)
-    assert d.diff == 0.0
-    assert d.ci == (0.0, 0.0)
-    assert not d.significant
-    assert d.p_value == 1.0
-
-
-def test_paired_difference_detects_shift():
-    rng = np.random.default_rng(0)
-    a = rng.normal(50.0, 30.0, 400)  # large between-image spread that pairing cancels
-    b = a - 2.0 + rng.normal(0.0, 1.0, 400)
-    d = paired_difference(a, b, n_resamples=500)
-    assert d.diff == pytest.approx(np.mean(a - b))
-    assert d.ci[0] <= d.diff <= d.ci[1]
-    assert d.significant
-    assert d.p_value < 0.01
-
-
-def test_paired_difference_requires_same_shape():
-    with pytest.raises(ValueError):
-        paired_difference(np.zeros(3), np.zeros(4))
 
 
 @pytest.mark.parametrize("n_images, max_elements", [(1_000, metrics.MAX_RESAMPLE_ELEMENTS), (1_000, 30_000)])

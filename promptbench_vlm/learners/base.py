@@ -122,9 +122,10 @@ class PromptLearner(nn.Module):
 
     def scoring(self, subset: str) -> AbstractContextManager[None]:
         """The context in which the evaluator scores `subset` (``all``, ``base``, ``new``, or a
-        transfer target ``target:LABEL``, with an ``@pool`` suffix under the wording protocol). A learner whose inference path depends on
-        whether the classes were seen in training switches here (MMRL: combined features for
-        base, class token for new), so the evaluator need not know it; default: nothing changes."""
+        transfer target ``target:LABEL``, with an ``@pool`` suffix under the wording protocol). A
+        learner whose inference path depends on whether the classes were seen in training
+        switches here (MMRL: combined features for base, class token for new), so the evaluator
+        need not know it; default: nothing changes."""
         return nullcontext()
 
     @property
