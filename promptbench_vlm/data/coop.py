@@ -21,7 +21,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from ..errors import UserError
 from ..files import read_user_text
 from ..names import unknown_name_error

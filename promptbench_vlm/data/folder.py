@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 from ..errors import UserError
 from . import DatasetOptions, DatasetSource
 from .base import ImageDataset

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from ..data import DatasetSource
+from ..data import DatasetOptions, DatasetSource
 from ..data.base import ImageDataset
 from ..names import unknown_name_error
 
@@ -288,7 +288,7 @@ def caption(classname: str, f: Factors, rng: np.random.Generator) -> str:
     return " ".join(["a", *before, noun, "of", det, *after, classname]) + "."
 
 
-def _load_source(argument: str, options) -> ImageDataset:
+def _load_source(argument: str, options: DatasetOptions) -> ImageDataset:
     """``toy-shapes``, or ``toy-shapes:DOMAIN``: its classes in a shifted domain (`toy.transfer`)."""
     if not argument:
         return ToyShapes(split=options.split)
