@@ -84,7 +84,7 @@ def is_target(subset: str) -> bool:
     return subset.startswith(TARGET_PREFIX)
 
 
-def check_targets(protocol: str, source: ImageDataset, targets: dict[str, ImageDataset]) -> None:
+def check_domain_targets(source: ImageDataset, targets: dict[str, ImageDataset]) -> None:
     """Refuse a domain-generalisation target whose classes are not the source's (or a subset of them).
 
     Under ``domain-generalization`` the learner is scored on the classes it was trained on, in a
@@ -93,8 +93,6 @@ def check_targets(protocol: str, source: ImageDataset, targets: dict[str, ImageD
     Raises:
         UserError: naming the target and a class the source lacks.
     """
-    if protocol != DOMAIN_GENERALIZATION:
-        return
     known = set(source.classnames)
     for spec, dataset in targets.items():
         if foreign := [c for c in dataset.classnames if c not in known]:

@@ -205,17 +205,19 @@ def reusable(sweep: Sweep, specs: list[RunSpec], refuse_mismatched: bool,
 
 
 def check_transfer_targets(sweep: Sweep) -> None:
-    """Load each source's and target's test split once, before any run: a missing target folder or
-    a domain-generalisation target with foreign classes fails now, not after the training."""
+    """Load each target's test split once, before any run (and under domain generalisation each
+    source's): a missing target folder or a domain-generalisation target with foreign classes
+    fails now, not after the training."""
     from ..data import DatasetOptions, load_dataset
-    from ..protocols import check_targets
+    from ..protocols import DOMAIN_GENERALIZATION, check_domain_targets
 
     if not sweep.targets:
         return
     options = DatasetOptions(split="test")
     targets = {spec: load_dataset(spec, options) for spec in sweep.targets}
-    for source in sweep.datasets:
-        check_targets(sweep.protocol, load_dataset(source, options), targets)
+    if sweep.protocol == DOMAIN_GENERALIZATION:
+        for source in sweep.datasets:
+            check_domain_targets(load_dataset(source, options), targets)
 
 
 def run_grid(sweep: Sweep, skip_existing: bool = False, overwrite: bool = False,
