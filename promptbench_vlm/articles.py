@@ -37,11 +37,16 @@ def wants_an(word: str) -> bool | None:
         return None
     head = unicodedata.normalize("NFKD", core[0])[0]
     if head.isdigit():
-        digits = re.match(r"\d+", core).group(0)
-        return digits[0] == "8" or digits in ("11", "18")
+        digits = re.match(r"\d+", core)  # None for a digit only by compatibility ("²", "①")
+        if digits is None:
+            return None
+        return digits[0][0] == "8" or digits[0] in ("11", "18")
     if not ("a" <= head.lower() <= "z"):
         return None
-    letters = re.match(r"[^\W\d_]+", core).group(0)
+    letters = re.match(r"[^\W\d_]+", core)  # None for a letter only by compatibility ("ⓐ")
+    if letters is None:
+        return None
+    letters = letters[0]
     if len(letters) <= 4 and letters.isupper():  # an initialism or a letter: "an MRI", "an X-ray"
         return head in _VOWEL_NAMED_LETTERS
     lower = (head + core[1:]).lower()

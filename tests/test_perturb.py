@@ -311,6 +311,16 @@ def test_wants_an_follows_the_sound():
     assert (agree("A", "image"), agree("An", "photo"), agree("AN", "photo"), agree("a", "[MASK]")) == ("An", "A", "A", "a")
 
 
+def test_a_class_name_led_by_a_compatibility_digit_or_letter_perturbs_without_error():
+    from promptbench_vlm.articles import wants_an
+
+    assert wants_an("²nd") is None and wants_an("ⓐpple") is None  # digit/letter only after NFKD: cannot tell
+    for name in ("²nd place", "ⓐpple"):  # shuffle puts the template's "a" in front of the class name
+        text, span = fill_template("a photo of the {}.", name)
+        outs = {perturb(text, span, "shuffle", "strong", seed).text for seed in range(20)}
+        assert any(f"a {name}" in out for out in outs) and all(name in out for out in outs)
+
+
 def test_multi_word_entries_match_as_one_candidate(lexicon):
     text, span = fill_template("a low resolution photo of the hard to see {}.", "dog")
     parts = split_prompt(text, span)
