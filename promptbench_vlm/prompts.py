@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import distributed
+from . import articles, distributed
 from . import perturb as perturb_module
 from .cache import FeatureCache, digest
 from .perturb import Lexicon, PerturbSpec, fill_template, perturb_many
@@ -113,9 +113,10 @@ def build_prompt_table(
 
 @functools.cache
 def _code_hash() -> str:
-    """SHA-256 (16 hex digits) of the code a table's strings come from: `perturb` and this module."""
+    """SHA-256 (16 hex digits) of the code a table's strings come from: `perturb`, the article
+    rule it applies, and this module."""
     h = hashlib.sha256()
-    for module_file in (perturb_module.__file__, __file__):
+    for module_file in (perturb_module.__file__, articles.__file__, __file__):
         h.update(Path(module_file).read_bytes())
     return h.hexdigest()[:16]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -56,6 +57,24 @@ def test_the_key_follows_the_lexicon_and_the_arguments():
     assert base != table_key(TEMPLATES, CLASSES, SPECS, 2, 7, dataclasses.replace(lexicon, mask_token="<m>"))
     assert base != table_key(TEMPLATES, CLASSES[:3], SPECS, 2, 7, lexicon)
     assert base != table_key(TEMPLATES, CLASSES, SPECS[:2], 2, 7, lexicon)
+
+
+@pytest.mark.parametrize("module", ["perturb", "articles", "prompts"])
+def test_the_key_follows_the_code_the_strings_come_from(tmp_path, monkeypatch, module):
+    # an edit of the ops, of the article rule or of the table build must not find a table it did not build
+    from importlib import import_module
+
+    base = table_key(TEMPLATES, CLASSES, SPECS, 2, 7, load_lexicon())
+    source = import_module(f"promptbench_vlm.{module}")
+    edited = tmp_path / f"{module}.py"
+    edited.write_text(Path(source.__file__).read_text() + "\n# edited\n")
+    monkeypatch.setattr(source, "__file__", str(edited))
+    prompts._code_hash.cache_clear()
+    try:
+        assert table_key(TEMPLATES, CLASSES, SPECS, 2, 7, load_lexicon())["code"] != base["code"]
+    finally:
+        monkeypatch.undo()
+        prompts._code_hash.cache_clear()
 
 
 def test_a_corrupt_or_unfit_table_is_reported_and_rebuilt(tmp_path):
