@@ -24,6 +24,7 @@ _VOWEL_SOUND = re.compile(r"^(hour|honest|honou?r|heir)")
 _VOWEL_NAMED_LETTERS = frozenset("AEFHILMNORSX")
 
 
+@functools.lru_cache(maxsize=65536)  # asked once per prompt of a table about its class unit
 def wants_an(word: str) -> bool | None:
     """Whether `word` takes "an"; None when it cannot tell (no Latin letter or digit in front).
 

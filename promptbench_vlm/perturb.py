@@ -25,7 +25,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import NamedTuple
 
-from .articles import ARTICLES, agree
+from .articles import ARTICLES, agree, wants_an
 from .errors import UserError
 from .names import unknown_name_error
 from .paths import data_dir
@@ -622,6 +622,30 @@ def _frame_pairs(p: PromptUnits, memo: dict) -> set[tuple[str, str]]:
     return memo["pairs"] | touching if touching else memo["pairs"]
 
 
+def _edit_vocabulary(p: PromptUnits, lexicon: Lexicon, memo: dict) -> frozenset[str]:
+    """Every word other than the class unit that an op can leave in an edited prompt of this
+    template: its own words, the synonyms of its candidates as a replacement writes them
+    (outer punctuation kept, capital or not), the mask token's and the noise phrases' words,
+    and the article forms agreement writes."""
+    if "vocabulary" not in memo:
+        words = {*p.units[: p.cls], *p.units[p.cls + 1 :], *lexicon.mask_token.split(), *_ARTICLE_FORMS}
+        for group in lexicon.noise_phrases.values():
+            words.update(word for phrase in group for word in phrase.split())
+        for start, stop in synonym_candidates(p.units, p.cls, lexicon):
+            lead, options, _, trail = _synonym_parts(" ".join(p.units[start:stop]), lexicon)
+            for option in options:
+                words.update((lead + option + trail).split())
+                words.update((lead + option[:1].upper() + option[1:] + trail).split())
+        memo["vocabulary"] = frozenset(words)
+    return memo["vocabulary"]
+
+
+def _assembly(p: PromptUnits, edited: Edited, memo: dict) -> tuple[str, str]:
+    """``(prefix, suffix)`` of the edited prompt's text around its class unit, articles made to agree."""
+    words, cls = _agreeing_words(p, edited, lambda: _frame_pairs(p, memo))
+    return " ".join(words[:cls]) + (" " if cls else ""), "".join(" " + w for w in words[cls + 1 :]) + p.tail
+
+
 _MEMO_FRAMES = 4096  # templates a lexicon remembers its findings for (a prompt table has 60)
 _GENERATORS = threading.local()  # one reseeded generator per thread: seeding is a perturbation's largest cost
 
@@ -694,6 +718,10 @@ def perturb_many(
     if lexicon is None:
         lexicon = load_lexicon()
     op_func, rng, memos = _OP_FUNCS[op], _reseeder(op, rate, seed), lexicon._memo
+    # The text around the class unit is the same for every class name that is none of the words
+    # an edit can write (nor an article), given the frame, the other units and the article the
+    # name takes: the agreement compares pairs of words, and such a name is in no pair but its own.
+    assembled: dict[tuple, tuple[str, str]] = {}
     out: list[Perturbed] = []
     for text, class_span in filled:
         prompt, frame = _split(text, class_span)
@@ -706,11 +734,18 @@ def perturb_many(
         if edited.edits == 0:
             out.append(Perturbed(text, 0, (int(class_span[0]), int(class_span[1]))))
             continue
-        words, cls = _agreeing_words(prompt, edited, lambda: _frame_pairs(prompt, memo))
-        new_text = " ".join(words) + prompt.tail
+        unit, cls = prompt.units[prompt.cls], edited.cls
+        if unit in _edit_vocabulary(prompt, lexicon, memo):
+            prefix, suffix = _assembly(prompt, edited, memo)
+        else:
+            key = (frame, cls, wants_an(unit), *edited.units[:cls], *edited.units[cls + 1 :])
+            if key not in assembled:
+                assembled[key] = _assembly(prompt, edited, memo)
+            prefix, suffix = assembled[key]
+        new_text = prefix + unit + suffix
         if new_text == text:
             out.append(Perturbed(text, 0, (int(class_span[0]), int(class_span[1]))))
             continue
-        start = len(" ".join(words[:cls])) + (1 if cls else 0) + prompt.lead
+        start = len(prefix) + prompt.lead
         out.append(Perturbed(new_text, edited.edits, (start, start + class_span[1] - class_span[0])))
     return out

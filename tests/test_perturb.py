@@ -22,6 +22,7 @@ from promptbench_vlm.perturb import (
     most_movable,
     parse_perturbations,
     perturb,
+    perturb_many,
     split_prompt,
     synonym_candidates,
 )
@@ -416,3 +417,33 @@ def test_fill_template():
             fill_template(bad, "dog")
     with pytest.raises(UserError):
         fill_template("a {}", " ")
+
+
+# class names that are template words, lexicon words and their synonyms, articles, the mask
+# token, noise-phrase words, punctuation-glued, or take "an" where their neighbours take "a"
+CELL_NAMES = ["dog", "apple", "owl", "hour", "unicorn", "a", "an", "A", "photo", "picture", "image of", "[MASK]",
+              "low resolution", "itap", "the", "of", "dog.", "(dog)", "Ærø", "²nd", "8-bit", "MRI", "black and white",
+              "bright", "in", "cat", "elephant"]
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_a_cell_perturbed_at_once_equals_its_prompts_perturbed_one_by_one(lexicon, op):
+    # perturb_many shares the text around the class unit between the class names of a template:
+    # the names above must each still get what perturb gives them alone
+    for template in load_templates().templates:
+        filled = [fill_template(template, name) for name in CELL_NAMES]
+        for amount, seed in (("weak", 0), ("strong", 1), (1.0, 2)):
+            alone = [perturb(text, span, op, amount, seed, lexicon) for text, span in filled]
+            assert perturb_many(filled, op, amount, seed, lexicon) == alone, template
+
+
+@pytest.mark.parametrize(("template", "name", "op", "amount", "seed"), [
+    ("a origami {}.", "origami", "drop", "weak", 1),  # a template word: "a origami." stays the template's pair
+    ("art of a {}.", "art", "shuffle", "strong", 0),
+    ("a doodle of a {}.", "idle", "synonym", "strong", 2),  # a word of a synonym ("idle drawing")
+])
+def test_a_class_name_that_an_edit_can_write_is_not_given_another_names_text(lexicon, template, name, op, amount,
+                                                                              seed):
+    filled = [fill_template(template, other) for other in ("dog", "apple", "owl", "elephant", name)]
+    alone = [perturb(text, span, op, amount, seed, lexicon) for text, span in filled]
+    assert perturb_many(filled, op, amount, seed, lexicon) == alone
