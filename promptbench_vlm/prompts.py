@@ -1,9 +1,9 @@
 """The prompt table: every prompt string an evaluation needs, deduplicated, with index arrays.
 
 Filling T templates with C class names and perturbing each filled prompt R times per spec is pure
-Python (each perturbation seeds its own generator from a SHA-256 of the prompt, about 5.6 µs of
-the 15.5 µs of CPU a string; see `perturb`): 9 s for 60 templates x 1,000 classes x the 10
-default specs. So the table is built once and kept: under torchrun the ranks build shares of it
+Python (each perturbation seeds its own generator from a SHA-256 of the prompt, about a third
+of its CPU; see `perturb`): 9 s for 60 templates x 1,000 classes x the 10 default specs
+(docs/speed.md). So the table is built once and kept: under torchrun the ranks build shares of it
 and gather them (every rank ends with the table one process builds); with a feature cache it is
 stored beside the features, keyed by everything it depends on, including the code of `perturb`
 and of this module.
