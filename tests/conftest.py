@@ -92,6 +92,26 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str, code
         assert needle.lower() in lines[0].lower(), (needle, lines[0])
 
 
+def assert_equal_up_to_float_order(got, expected, tol: float = 1e-7, where: str = "") -> None:
+    """`got` equals `expected` (nested JSON values): keys, lengths, integers, strings and flags
+    exactly, floats within `tol`. torch promises no bit-equal floats across batch sizes or thread
+    counts (2.14 moved per-image JSDs by 3e-8 between a batch of 2 images and one of 6), so a run
+    that encodes in other batches than its reference is held to its counts exactly and its floats
+    to the rounding of their last digits."""
+    if isinstance(expected, dict):
+        assert isinstance(got, dict) and set(got) == set(expected), where
+        for key in expected:
+            assert_equal_up_to_float_order(got[key], expected[key], tol, f"{where}/{key}")
+    elif isinstance(expected, list):
+        assert isinstance(got, list) and len(got) == len(expected), where
+        for i, (g, e) in enumerate(zip(got, expected)):
+            assert_equal_up_to_float_order(g, e, tol, f"{where}[{i}]")
+    elif isinstance(expected, float) and not isinstance(got, bool) and isinstance(got, (int, float)):
+        assert got == pytest.approx(expected, abs=tol, nan_ok=True), where
+    else:
+        assert type(got) is type(expected) and got == expected, where
+
+
 def schema_property_names(schema) -> set[str]:
     """Every property name a JSON Schema declares, at any depth (for the docs-describe-every-field tests)."""
     names: set[str] = set()
