@@ -419,13 +419,19 @@ def _synonym_parts(words: str, lexicon: Lexicon) -> tuple[str, tuple[str, ...], 
     return lead, lexicon.synonyms[core.lower()], core[:1].isupper(), trail
 
 
+def _synonym_spans(p: PromptUnits, lexicon: Lexicon, memo: dict) -> tuple[list[tuple[int, int]], dict]:
+    """The template's synonym candidates and each one's `_synonym_parts`, found once per template
+    (spans never touch the class unit: the template's words decide them)."""
+    if "synonym" not in memo:
+        spans = synonym_candidates(p.units, p.cls, lexicon)
+        memo["synonym"] = spans, {(a, b): _synonym_parts(" ".join(p.units[a:b]), lexicon) for a, b in spans}
+    return memo["synonym"]
+
+
 def _op_synonym(p: PromptUnits, amount: Amount, rng: random.Random, lexicon: Lexicon, memo: dict) -> Edited:
     """Replace k lexicon candidates (words or phrases) with one of their synonyms, keeping each
     one's outer punctuation and initial capital."""
-    if "synonym" not in memo:  # spans never touch the class unit: the template's words decide them
-        spans = synonym_candidates(p.units, p.cls, lexicon)
-        memo["synonym"] = spans, {(a, b): _synonym_parts(" ".join(p.units[a:b]), lexicon) for a, b in spans}
-    spans, parts = memo["synonym"]
+    spans, parts = _synonym_spans(p, lexicon, memo)
     chosen = sorted(_sample(rng, spans, edit_count("synonym", amount, len(spans))), reverse=True)
     units, cls = list(p.units), p.cls
     for start, stop in chosen:
@@ -631,8 +637,7 @@ def _edit_vocabulary(p: PromptUnits, lexicon: Lexicon, memo: dict) -> frozenset[
         words = {*p.units[: p.cls], *p.units[p.cls + 1 :], *lexicon.mask_token.split(), *_ARTICLE_FORMS}
         for group in lexicon.noise_phrases.values():
             words.update(word for phrase in group for word in phrase.split())
-        for start, stop in synonym_candidates(p.units, p.cls, lexicon):
-            lead, options, _, trail = _synonym_parts(" ".join(p.units[start:stop]), lexicon)
+        for lead, options, _, trail in _synonym_spans(p, lexicon, memo)[1].values():
             for option in options:
                 words.update((lead + option + trail).split())
                 words.update((lead + option[:1].upper() + option[1:] + trail).split())

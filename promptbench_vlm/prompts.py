@@ -5,8 +5,8 @@ Python (each perturbation seeds its own generator from a SHA-256 of the prompt, 
 of its CPU; see `perturb`): 9 s for 60 templates x 1,000 classes x the 10 default specs
 (docs/speed.md). So the table is built once and kept: under torchrun the ranks build shares of it
 and gather them (every rank ends with the table one process builds); with a feature cache it is
-stored beside the features, keyed by everything it depends on, including the code of `perturb`
-and of this module.
+stored beside the features, keyed by everything it depends on, including the code of `perturb`,
+of the article rule it applies and of this module.
 """
 
 from __future__ import annotations
